@@ -1,0 +1,42 @@
+# fastssl: the two commands of the README, each idempotent on a fresh Debian machine.
+#   make demo   installs everything, trains SwAV on the built-in dataset, reports kNN accuracy
+#   make test   installs everything, runs the test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fastssl-installed
+SYSTEM_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev
+# torch and torchvision come first and pinned: on the reference machines they are on local disk.
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup system-packages demo test test-all bench clean
+
+setup: $(STAMP)
+
+system-packages:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "fastssl needs system packages; run: sudo apt-get update && sudo apt-get install -y $$missing"; exit 1; fi; \
+	fi
+
+$(STAMP): pyproject.toml | system-packages
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/fastssl-train config=pretrain/swav/swav_1node_cpu_resnet18
+	$(BIN)/fastssl-eval knn --checkpoint checkpoints/swav_1node_cpu_resnet18 --baselines
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m "slow or not slow" --runslow
+
+clean:
+	rm -rf $(VENV) checkpoints .pytest_cache

@@ -1,0 +1,183 @@
+"""Compose and validate the run configuration (the only module that knows the config's shape).
+
+The command line is VISSL's: ``config=pretrain/swav/swav_8node_resnet`` picks a seed config,
+``+config/pretrain/swav/transforms=multicrop_2x224_4x96`` adds a group file on top, and
+``config.LOSS.swav_loss.temperature=0.2`` sets one key. Files are composed by Hydra; every key is
+then checked against configs/defaults.yaml, so a typo is an error that names the closest real key.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+# VISSL's older key path for trunk parameters (used on the NPID page) and where it lives now.
+KEY_ALIASES = {"MODEL.TRUNK.TRUNK_PARAMS.": "MODEL.TRUNK."}
+
+
+class ConfigError(ValueError):
+    """A one-line, user-facing configuration error (the CLI prints it and exits with status 2)."""
+
+
+def split_arguments(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Split command-line words into Hydra group overrides and ``config.KEY=value`` assignments.
+
+    A value with spaces that the shell split into several words (an unquoted
+    ``config.MODEL.HEAD.PARAMS=[["swav_head", {"dims": [...]}]]``) is joined back: a word that does
+    not start a new override continues the previous one.
+    """
+    words: list[str] = []
+    for word in argv:
+        if re.match(r"^\+?config[./=]", word) or not words:
+            words.append(word)
+        else:
+            words[-1] += " " + word
+    groups, assignments = [], []
+    for word in words:
+        if "=" not in word:
+            raise ConfigError(f"cannot read argument {word!r}: expected config=..., +config/...=... or config.KEY=value")
+        key, value = word.split("=", 1)
+        if key in ("config", "+config"):
+            groups.append(f"+config={value}")
+        elif key.startswith("+config/") or key.startswith("config/"):
+            groups.append(f"+{key.lstrip('+')}={value}")
+        elif key.startswith("config."):
+            assignments.append((key[len("config."):], value))
+        else:
+            raise ConfigError(f"cannot read argument {word!r}: keys start with config.")
+    return groups, assignments
+
+
+def parse_value(text: str):
+    """A command-line value as YAML (lists, dicts, True/False, numbers, null), 1e-08 included."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"cannot parse value {text!r}: {str(error).splitlines()[0]}") from None
+    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value):
+        return float(value)
+    return value
+
+
+def _dotted_keys(node, prefix: str = "") -> list[str]:
+    keys = []
+    if isinstance(node, dict):
+        for key, child in node.items():
+            path = f"{prefix}{key}"
+            keys.append(path)
+            keys.extend(_dotted_keys(child, path + "."))
+    return keys
+
+
+def _closest(path: str, defaults: dict) -> str:
+    candidates = _dotted_keys(defaults)
+    leaf = path.rsplit(".", 1)[-1]
+    siblings = [c for c in candidates if c.rsplit(".", 1)[0] == path.rsplit(".", 1)[0] and "." in path]
+    match = difflib.get_close_matches(leaf, [s.rsplit(".", 1)[-1] for s in siblings], n=1, cutoff=0.5)
+    if match:
+        return f"{path.rsplit('.', 1)[0]}.{match[0]}"
+    match = difflib.get_close_matches(path, candidates, n=1, cutoff=0.0)
+    return match[0] if match else ""
+
+
+def _type_ok(default, value) -> bool:
+    if default is None or value is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    if isinstance(default, dict):
+        return isinstance(value, dict)
+    return True
+
+
+def _type_name(value) -> str:
+    return {bool: "bool", int: "int", float: "float", str: "string", list: "list", dict: "mapping"}.get(
+        type(value), type(value).__name__)
+
+
+def _article(name: str) -> str:
+    return ("an " if name[0] in "aeiou" else "a ") + name
+
+
+def validate(config: dict, defaults: dict, prefix: str = "") -> None:
+    """Raise ConfigError for the first key of ``config`` unknown to ``defaults`` or of the wrong type."""
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if key not in defaults:
+            hint = _closest(path, ROOT_DEFAULTS)
+            raise ConfigError(f"unknown config key config.{path}" + (f"; did you mean config.{hint}?" if hint else ""))
+        default = defaults[key]
+        if not _type_ok(default, value):
+            raise ConfigError(f"config.{path} must be {_article(_type_name(default))}, got {value!r}")
+        if isinstance(default, dict) and isinstance(value, dict):
+            validate(value, default, path + ".")
+
+
+def _set(config: dict, path: str, value) -> None:
+    for alias, target in KEY_ALIASES.items():
+        if path.startswith(alias):
+            path = target + path[len(alias):]
+    node, defaults = config, ROOT_DEFAULTS
+    parts = path.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(defaults, dict) or part not in defaults:
+            hint = _closest(".".join(parts[: depth + 1]), ROOT_DEFAULTS)
+            raise ConfigError(f"unknown config key config.{path}" + (f"; did you mean config.{hint}?" if hint else ""))
+        if depth == len(parts) - 1:
+            if not _type_ok(defaults[part], value):
+                raise ConfigError(f"config.{path} must be {_article(_type_name(defaults[part]))}, got {value!r}")
+            node[part] = value
+        else:
+            node = node.setdefault(part, {})
+            defaults = defaults[part]
+
+
+def _load_defaults() -> dict:
+    with open(CONFIG_DIR / "defaults.yaml") as f:
+        text = f.read()
+    return OmegaConf.to_container(OmegaConf.create(text))["config"]
+
+
+ROOT_DEFAULTS = _load_defaults()
+
+
+def compose_config(argv: list[str]) -> DictConfig:
+    """Compose defaults + seed files + command-line values and validate every key.
+
+    Returns the ``config`` node as a read-only DictConfig. Raises ConfigError on bad input.
+    """
+    groups, assignments = split_arguments(argv)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            composed = compose(config_name="defaults", overrides=groups)
+    except Exception as error:  # Hydra's own message names the missing file or group
+        raise ConfigError(str(error).splitlines()[0]) from None
+    finally:
+        GlobalHydra.instance().clear()
+    config = OmegaConf.to_container(composed, resolve=True)
+    unexpected = sorted(set(config) - {"config"})
+    if unexpected:
+        raise ConfigError(f"config files must put their keys under config:, found {unexpected[0]!r}")
+    config = config["config"]
+    validate(config, ROOT_DEFAULTS)
+    for path, text in assignments:
+        _set(config, path, parse_value(text))
+    result = OmegaConf.create(config)
+    OmegaConf.set_readonly(result, True)
+    return result

@@ -1,0 +1,154 @@
+"""fastssl-eval: k-nearest-neighbour evaluation of a trunk's features, for any checkpoint.
+
+    fastssl-eval knn --checkpoint checkpoints/swav_1node_cpu_resnet18 [--k 20] [--baselines]
+
+Features are the pooled trunk output, L2-normalised; each held-out image votes with its k nearest
+training images weighted by exp(similarity / T) (the weighted kNN of Wu et al. 2018, T = 0.07).
+With --baselines the same figure is printed for a randomly initialised trunk of the same
+architecture, with BatchNorm statistics as initialised and re-estimated on the training images.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loaders.build import build_eval_loader
+
+from .checkpoint import latest_checkpoint, load_checkpoint
+from .models import build_model
+
+
+@torch.no_grad()
+def extract_features(trunk: nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled, L2-normalised features (N, C) and labels (N,) over one pass of ``loader``."""
+    trunk.eval()
+    features, labels = [], []
+    for batch in loader:
+        features.append(F.normalize(trunk(batch.crops[0]).float(), dim=1))
+        labels.append(batch.labels)
+    return torch.cat(features), torch.cat(labels)
+
+
+@torch.no_grad()
+def knn_top1(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+             test_labels: torch.Tensor, *, k: int, temperature: float, chunk: int = 1024) -> float:
+    """Top-1 accuracy (%) of the weighted kNN classifier. Features: (N, C) unit-norm."""
+    num_classes = int(train_labels.max()) + 1
+    correct = 0
+    for start in range(0, test_features.shape[0], chunk):
+        similarity = test_features[start:start + chunk] @ train_features.t()  # (b, N_train)
+        top_similarity, top_index = similarity.topk(min(k, train_features.shape[0]), dim=1)
+        weights = (top_similarity / temperature).exp()  # (b, k)
+        votes = torch.zeros(similarity.shape[0], num_classes, device=similarity.device)
+        votes.scatter_add_(1, train_labels[top_index], weights)
+        correct += int((votes.argmax(dim=1) == test_labels[start:start + chunk]).sum())
+    return 100.0 * correct / test_features.shape[0]
+
+
+@torch.no_grad()
+def reestimate_batchnorm(trunk: nn.Module, loader) -> None:
+    """Replace BatchNorm running statistics with their exact average over one pass of ``loader``."""
+    norms = [m for m in trunk.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative moving average: the plain mean over the pass
+    trunk.train()
+    for batch in loader:
+        trunk(batch.crops[0])
+    trunk.eval()
+
+
+def knn_report(*, trunk_builder, trained_state: dict | None, train_loader, val_loader, k: int, temperature: float,
+               baselines: bool, device: torch.device) -> dict:
+    """kNN top-1 of the trained trunk and, optionally, of a random trunk (BN as initialised / re-estimated)."""
+    report = {}
+    if trained_state is not None:
+        model = trunk_builder().to(device)
+        model.load_state_dict(trained_state)
+        report["trained"] = knn_top1(*extract_features(model.trunk, train_loader),
+                                     *extract_features(model.trunk, val_loader), k=k, temperature=temperature)
+    if baselines:
+        torch.manual_seed(0)
+        model = trunk_builder().to(device)
+        report["random_bn_init"] = knn_top1(*extract_features(model.trunk, train_loader),
+                                            *extract_features(model.trunk, val_loader), k=k, temperature=temperature)
+        reestimate_batchnorm(model.trunk, train_loader)
+        report["random_bn_reestimated"] = knn_top1(*extract_features(model.trunk, train_loader),
+                                                   *extract_features(model.trunk, val_loader), k=k,
+                                                   temperature=temperature)
+    return report
+
+
+def _knn_command(args) -> int:
+    path = Path(args.checkpoint)
+    checkpoint_file = latest_checkpoint(path) if path.is_dir() else path
+    if checkpoint_file is None or not checkpoint_file.exists():
+        print(f"fastssl-eval: error: no checkpoint found at {path}", file=sys.stderr)
+        return 2
+    saved = load_checkpoint(checkpoint_file)
+    cfg = saved["config"]
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    trunk_cfg, data_cfg = cfg["MODEL"]["TRUNK"], cfg["DATA"]["TRAIN"]
+
+    def trunk_builder():
+        return build_model(trunk_name=trunk_cfg["NAME"], resnet=trunk_cfg["RESNETS"],
+                           regnet={k: v for k, v in trunk_cfg["REGNET"].items() if v is not None}, alexnet=None,
+                           head_params=cfg["MODEL"]["HEAD"]["PARAMS"], channels_last=cfg["MODEL"]["CHANNELS_LAST"])
+
+    sources = data_cfg["DATA_SOURCES"] or ["synthetic"]
+    source = sources[0] if data_cfg["DATA_PATHS"] else "synthetic"
+    synthetic = data_cfg["SYNTHETIC"]
+    normalize = next((t for t in data_cfg["TRANSFORMS"] if t["name"] == "Normalize"),
+                     {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]})
+    crop = next(t for t in data_cfg["TRANSFORMS"] if t["name"] in ("ImgPilToMultiCrop", "RandomResizedCrop"))
+    image_size = args.image_size or (crop.get("size_crops") or [crop.get("size")])[0]
+    common = dict(source=source, image_size=image_size, batch_size=args.batch_size, num_workers=args.workers,
+                  data_limit=-1, device=device, dtype=torch.float32, mean=normalize["mean"], std=normalize["std"],
+                  synthetic_params={"root": synthetic["ROOT"] or None, "image_size": synthetic["IMAGE_SIZE"],
+                                    "train_per_class": synthetic["TRAIN_PER_CLASS"],
+                                    "val_per_class": synthetic["VAL_PER_CLASS"]})
+    try:
+        train_loader = build_eval_loader(split="train", data_path=args.train_path or (
+            data_cfg["DATA_PATHS"][0] if source != "synthetic" else None), **common)
+        val_loader = build_eval_loader(split="val", data_path=args.val_path, **common)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"fastssl-eval: error: {error}", file=sys.stderr)
+        return 2
+    report = knn_report(trunk_builder=trunk_builder, trained_state=saved["model"], train_loader=train_loader,
+                        val_loader=val_loader, k=args.k, temperature=args.temperature, baselines=args.baselines,
+                        device=device)
+    print(f"kNN top-1 (k={args.k}) on the held-out split, checkpoint {checkpoint_file} (step {saved['step']}):")
+    names = {"trained": "learned trunk", "random_bn_init": "random trunk, BN as initialised",
+             "random_bn_reestimated": "random trunk, BN re-estimated on train"}
+    for key, value in report.items():
+        print(f"  {names[key]:<40} {value:6.2f}%")
+    print(json.dumps({"knn_top1": report, "k": args.k, "checkpoint": str(checkpoint_file), "step": saved["step"]}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastssl-eval", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    knn = commands.add_parser("knn", help="weighted kNN top-1 of the trunk features")
+    knn.add_argument("--checkpoint", required=True, help="a checkpoint file or a checkpoint directory (latest)")
+    knn.add_argument("--k", type=int, default=20)
+    knn.add_argument("--temperature", type=float, default=0.07)
+    knn.add_argument("--baselines", action="store_true", help="also evaluate a randomly initialised trunk")
+    knn.add_argument("--image-size", type=int, default=0, help="evaluation resolution (default: the large crop)")
+    knn.add_argument("--train-path", default=None, help="ImageFolder of training images (default: from the run)")
+    knn.add_argument("--val-path", default=None, help="ImageFolder of held-out images (synthetic: built in)")
+    knn.add_argument("--batch-size", type=int, default=256)
+    knn.add_argument("--workers", type=int, default=2)
+    knn.add_argument("--cpu", action="store_true")
+    args = parser.parse_args(argv)
+    return _knn_command(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Run logging: a progress bar with images/s, data-wait share and ETA; rank-0 JSONL; TensorBoard."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+class RunLogger:
+    """Prints and records metrics on rank 0; a no-op elsewhere."""
+
+    def __init__(self, *, directory: str | Path, enabled: bool, use_tensorboard: bool, progress_bar: bool,
+                 total_steps: int, start_step: int):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.writer = None
+        self.bar = None
+        self.jsonl = None
+        if not enabled:
+            return
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(directory / "metrics.jsonl", "a", buffering=1)
+        if use_tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(log_dir=str(directory / "tensorboard"))
+            except ImportError:
+                print("fastssl: tensorboard is not installed; no event files are written", file=sys.stderr)
+        if progress_bar:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                            file=sys.stdout, mininterval=1.0)
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            if self.bar is not None:
+                self.bar.write(message)
+            else:
+                print(message, flush=True)
+
+    def log(self, record: dict, *, steps_done: int) -> None:
+        """Record one metrics dict (step, epoch, loss, lr, images_per_s, data_wait_share)."""
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"time": time.time(), **record}) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"train/{key}", value, record["step"])
+        if self.bar is not None:
+            self.bar.n = steps_done
+            self.bar.set_postfix(epoch=record["epoch"], loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.3g}",
+                                 img_s=f"{record['images_per_s']:.1f}",
+                                 wait=f"{100 * record['data_wait_share']:.0f}%")
+            self.bar.refresh()
+        else:
+            remaining = (self.total_steps - steps_done) * record.get("seconds_per_step", 0.0)
+            print(f"step {record['step']} epoch {record['epoch']} loss {record['loss']:.4f} lr {record['lr']:.4g} "
+                  f"img/s {record['images_per_s']:.1f} data-wait {100 * record['data_wait_share']:.0f}% "
+                  f"eta {remaining / 60:.1f} min", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.jsonl is not None:
+            self.jsonl.close()

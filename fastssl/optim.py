@@ -1,0 +1,200 @@
+"""SGD with LARC, VISSL's parameter groups, and learning-rate schedules precomputed per step."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+_NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
+def parameter_groups(model: nn.Module, *, weight_decay: float, regularize_bn: bool, regularize_bias: bool,
+                     exclude_from_larc_bn_bias: bool = False) -> list[dict]:
+    """Split parameters into weight-decayed and not, as VISSL's regularize_bn / regularize_bias do.
+
+    Returns param groups for torch.optim.SGD; each group carries a ``larc`` flag (BYOL excludes BN and
+    biases from the LARC adaptation too).
+    """
+    decay, no_decay, no_larc = [], [], []
+    seen = set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            is_bn = isinstance(module, _NORM_LAYERS)
+            is_bias = name == "bias"
+            if exclude_from_larc_bn_bias and (is_bn or is_bias):
+                no_larc.append(param)
+            elif (is_bn and not regularize_bn) or (is_bias and not regularize_bias):
+                no_decay.append(param)
+            else:
+                decay.append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay, "larc": True}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "larc": True})
+    if no_larc:
+        groups.append({"params": no_larc, "weight_decay": 0.0, "larc": False})
+    return groups
+
+
+class LARC:
+    """Layer-wise adaptive rate control around an optimizer (You et al. 2017; the semantics of Apex's LARC).
+
+    Per parameter with a gradient: local_lr = trust * ||w|| / (||g|| + wd * ||w|| + eps). With clip the
+    factor is min(local_lr / lr, 1) ("clip" mode), otherwise local_lr ("scale" mode). Weight decay is
+    folded into the gradient before scaling and the wrapped optimizer's own decay is switched off for the
+    step. A parameter whose weight or gradient norm is zero keeps its plain gradient and gets no decay.
+    Computed without host synchronisation (torch.where instead of Python branches).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, trust_coefficient: float, clip: bool, eps: float):
+        self.optim = optimizer
+        self.trust_coefficient = trust_coefficient
+        self.clip = clip
+        self.eps = eps
+
+    @property
+    def param_groups(self):
+        return self.optim.param_groups
+
+    def state_dict(self):
+        return self.optim.state_dict()
+
+    def load_state_dict(self, state):
+        self.optim.load_state_dict(state)
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.optim.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step(self):
+        saved_decay = []
+        for group in self.optim.param_groups:
+            weight_decay = group["weight_decay"]
+            saved_decay.append(weight_decay)
+            if not group.get("larc", True):
+                continue
+            group["weight_decay"] = 0.0
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                param_norm = torch.linalg.vector_norm(p.detach().float())
+                grad_norm = torch.linalg.vector_norm(p.grad.detach().float())
+                adaptive = self.trust_coefficient * param_norm / (grad_norm + param_norm * weight_decay + self.eps)
+                if self.clip:
+                    adaptive = torch.clamp(adaptive / group["lr"], max=1.0)
+                active = (param_norm > 0) & (grad_norm > 0)
+                scaled = (p.grad + weight_decay * p) * adaptive.to(p.grad.dtype)
+                p.grad.copy_(torch.where(active, scaled, p.grad))
+        self.optim.step()
+        for group, weight_decay in zip(self.optim.param_groups, saved_decay):
+            group["weight_decay"] = weight_decay
+
+
+def build_optimizer(model: nn.Module, *, name: str, momentum: float, nesterov: bool, weight_decay: float,
+                    regularize_bn: bool, regularize_bias: bool, use_larc: bool, larc_clip: bool,
+                    larc_trust_coefficient: float, larc_eps: float, exclude_bn_bias_from_larc: bool = False):
+    """SGD (optionally wrapped in LARC) over VISSL's parameter groups. The LR is set per step by the loop."""
+    if name != "sgd":
+        raise ValueError(f"optimizer {name!r} is not supported (sgd only, as VISSL's LARC recipes)")
+    groups = parameter_groups(model, weight_decay=weight_decay, regularize_bn=regularize_bn,
+                              regularize_bias=regularize_bias, exclude_from_larc_bn_bias=exclude_bn_bias_from_larc)
+    sgd = torch.optim.SGD(groups, lr=0.0, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+    if use_larc:
+        return LARC(sgd, trust_coefficient=larc_trust_coefficient, clip=larc_clip, eps=larc_eps)
+    return sgd
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules: a value for every point of training progress `where` in [0, 1), the semantics of
+# ClassyVision's param schedulers that VISSL uses.
+
+def _schedule_value(spec: dict, where: float, epoch: int) -> float:
+    name = spec["name"]
+    if name == "constant":
+        return spec["value"]
+    if name == "linear":
+        return spec["start_value"] + where * (spec["end_value"] - spec["start_value"])
+    if name == "cosine":
+        return spec["end_value"] + 0.5 * (spec["start_value"] - spec["end_value"]) * (1 + math.cos(math.pi * where))
+    if name == "multistep":
+        passed = sum(1 for milestone in spec["milestones"] if epoch >= milestone)
+        return spec["values"][passed]
+    if name == "composite":
+        lengths = spec["lengths"]
+        start = 0.0
+        for index, (length, sub) in enumerate(zip(lengths, spec["schedulers"])):
+            if where < start + length or index == len(lengths) - 1:
+                scaling = spec["interval_scaling"][index] if spec["interval_scaling"] else "rescaled"
+                local = (where - start) / length if scaling == "rescaled" else where
+                return _schedule_value(sub, local, epoch)
+            start += length
+    raise ValueError(f"unknown schedule name {name!r} (constant, linear, cosine, multistep, composite)")
+
+
+def check_schedule(spec: dict) -> None:
+    """Raise ValueError (one line) for an ill-formed schedule before training starts."""
+    name = spec["name"]
+    if name == "composite":
+        subs, lengths = spec["schedulers"], spec["lengths"]
+        if not subs or len(subs) != len(lengths):
+            raise ValueError("composite schedule needs as many lengths as schedulers")
+        if abs(sum(lengths) - 1.0) > 1e-6:
+            raise ValueError(f"composite schedule lengths must sum to 1, got {sum(lengths)}")
+        if spec["interval_scaling"] and len(spec["interval_scaling"]) != len(subs):
+            raise ValueError("composite schedule needs one interval_scaling entry per scheduler")
+        for sub in subs:
+            check_schedule({**spec, **sub, "schedulers": [], "lengths": []})
+    elif name == "multistep" and len(spec["values"]) != len(spec["milestones"]) + 1:
+        raise ValueError("multistep schedule needs len(values) == len(milestones) + 1")
+    elif name not in ("constant", "linear", "cosine", "multistep"):
+        raise ValueError(f"unknown schedule name {name!r} (constant, linear, cosine, multistep, composite)")
+
+
+def precompute_schedule(spec: dict, *, total_steps: int, steps_per_epoch: int, update_interval: str) -> np.ndarray:
+    """The value at every global step, as an array (indexed by step in the loop, no per-step logic)."""
+    check_schedule(spec)
+    values = np.empty(total_steps, dtype=np.float64)
+    for step in range(total_steps):
+        epoch = step // steps_per_epoch
+        if update_interval == "epoch":
+            where = epoch * steps_per_epoch / total_steps
+        else:
+            where = step / total_steps
+        values[step] = _schedule_value(spec, where, epoch)
+    return values
+
+
+def scale_lr_schedule(spec: dict, *, base_value: float, base_lr_batch_size: int, global_batch: int,
+                      batch_per_node: int) -> dict:
+    """VISSL's auto_lr_scaling: the peak LR becomes base_value * global_batch / base_lr_batch_size.
+
+    Cosine keeps its end/start ratio, multistep its decay factor, linear ends at the scaled value; in a
+    composite schedule that opens with a linear warmup, the warmup starts from the LR scaled to one
+    node's batch (base_value * batch_per_node / base_lr_batch_size).
+    """
+    scaled = base_value * global_batch / base_lr_batch_size
+    spec = {**spec}
+    name = spec["name"]
+    if name == "cosine":
+        ratio = spec["end_value"] / spec["start_value"]
+        spec.update(start_value=scaled, end_value=scaled * ratio)
+    elif name == "linear":
+        spec.update(end_value=scaled)
+    elif name == "constant":
+        spec.update(value=scaled)
+    elif name == "multistep":
+        values = spec["values"]
+        gamma = values[1] / values[0] if len(values) > 1 else 1.0
+        spec.update(values=[scaled * gamma ** i for i in range(len(values))])
+    elif name == "composite":
+        subs = [scale_lr_schedule({**spec, **sub, "schedulers": [], "lengths": []}, base_value=base_value,
+                                  base_lr_batch_size=base_lr_batch_size, global_batch=global_batch,
+                                  batch_per_node=batch_per_node) for sub in spec["schedulers"]]
+        if subs and subs[0]["name"] == "linear":
+            subs[0]["start_value"] = base_value * batch_per_node / base_lr_batch_size
+        spec.update(schedulers=subs)
+    return spec

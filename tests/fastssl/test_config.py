@@ -1,0 +1,61 @@
+import pytest
+
+from fastssl.config import ConfigError, compose_config, split_arguments
+
+SWAV = "config=pretrain/swav/swav_8node_resnet"
+
+
+def test_seed_recipe_values():
+    cfg = compose_config([SWAV])
+    assert cfg.DISTRIBUTED.NUM_NODES == 8 and cfg.DISTRIBUTED.NUM_PROC_PER_NODE == 8
+    assert cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA == 64
+    crop = cfg.DATA.TRAIN.TRANSFORMS[0]
+    assert list(crop.size_crops) == [224, 96] and list(crop.num_crops) == [2, 6]
+    assert [list(s) for s in crop.crop_scales] == [[0.14, 1], [0.05, 0.14]]
+    assert cfg.OPTIMIZER.larc_config.eps == pytest.approx(1e-8)
+    assert cfg.OPTIMIZER.weight_decay == pytest.approx(1e-6)
+    assert cfg.LOSS.swav_loss.epsilon == 0.05 and cfg.LOSS.swav_loss.num_iters == 3
+    assert cfg.MODEL.TEMP_FROZEN_PARAMS_ITER_MAP[0][1] == 313
+
+
+def test_command_line_values_and_groups():
+    cfg = compose_config([SWAV, "config.LOSS.swav_loss.temperature=0.2", "config.LOSS.swav_loss.epsilon=0.04",
+                          "+config/pretrain/swav/transforms=multicrop_2x224_4x96"])
+    assert cfg.LOSS.swav_loss.temperature == 0.2 and cfg.LOSS.swav_loss.epsilon == 0.04
+    assert cfg.DATA.TRAIN.TRANSFORMS[0].total_num_crops == 6
+
+
+def test_unquoted_head_params_are_joined_back():
+    # What bash passes for the seed's RegNetY-256GF line when the value is not quoted.
+    argv = [SWAV, "config.MODEL.HEAD.PARAMS=[[swav_head,", "{dims:", "[10444,", "10444,", "128],", "use_bn:",
+            "False,", "num_clusters:", "[3000]}]]"]
+    cfg = compose_config(argv)
+    name, params = cfg.MODEL.HEAD.PARAMS[0]
+    assert name == "swav_head" and list(params.dims) == [10444, 10444, 128] and params.use_bn is False
+
+
+def test_old_trunk_params_path_is_an_alias():
+    cfg = compose_config([SWAV, "config.MODEL.TRUNK.TRUNK_PARAMS.RESNETS.DEPTH=101"])
+    assert cfg.MODEL.TRUNK.RESNETS.DEPTH == 101
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["config.LOSS.swav_loss.temprature=0.2"], "did you mean config.LOSS.swav_loss.temperature"),
+    (["config.OPTIMIZER.num_epoch=3"], "did you mean config.OPTIMIZER.num_epochs"),
+    (["config.OPTIMIZER.num_epochs=many"], "config.OPTIMIZER.num_epochs must be an int"),
+    (["config.OPTIMIZER.use_larc=3"], "must be a bool"),
+    (["config=pretrain/swav/no_such_recipe"], "no_such_recipe"),
+    (["LOSS.x=1"], "keys start with config."),
+])
+def test_bad_input_is_one_line_error(argv, expected):
+    with pytest.raises(ConfigError) as error:
+        compose_config(argv)
+    assert expected in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_split_arguments_rewrites_groups():
+    groups, assignments = split_arguments([SWAV, "+config/pretrain/swav/transforms=multicrop_2x224",
+                                           "config.SEED_VALUE=3"])
+    assert groups == ["+config=pretrain/swav/swav_8node_resnet", "+config/pretrain/swav/transforms=multicrop_2x224"]
+    assert assignments == [("SEED_VALUE", "3")]
