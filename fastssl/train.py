@@ -7,7 +7,6 @@ Derived values (dataset size, global batch, scaled LR, queue length, iterations)
 """
 from __future__ import annotations
 
-import math
 import random
 import re
 import sys
@@ -97,15 +96,7 @@ def derive(cfg: DictConfig, *, world_size: int, num_samples: int, iterations_per
                "num_train_samples": num_samples, "iterations_per_epoch": iterations_per_epoch,
                "total_iterations": total, "num_crops": recipe.total_num_crops, "recipe": recipe,
                "lr_schedule": lr, "lr_spec": lr_spec}
-    head_name, head_params = cfg.MODEL.HEAD.PARAMS[-1]
     loss = OmegaConf.to_container(cfg.LOSS[cfg.LOSS.name]) if cfg.LOSS.name in cfg.LOSS else {}
-    if cfg.LOSS.name == "swav_loss":
-        queue_length = loss["queue"]["queue_length"]
-        queue_length -= queue_length % global_batch  # VISSL: a whole number of global batches
-        loss["queue"].update(queue_length=queue_length, local_queue_length=queue_length // world_size)
-        if head_name == "swav_head":
-            loss.update(embedding_dim=head_params["dims"][-1], num_prototypes=list(head_params["num_clusters"]))
-        loss["num_crops"] = recipe.total_num_crops
     derived["loss_params"] = loss
     return derived
 
@@ -187,7 +178,8 @@ def run(cfg: DictConfig) -> TrainState:
                        num_train_samples=derived["num_train_samples"],
                        iterations_per_epoch=derived["iterations_per_epoch"],
                        total_iterations=derived["total_iterations"], output_dir=loss_params["output_dir"],
-                       device=device)
+                       device=device, head_params=OmegaConf.to_container(cfg.MODEL.HEAD.PARAMS),
+                       drop_last=train_cfg.DROP_LAST)
     method = METHODS[cfg.LOSS.name].from_config(loss_params, run_info).to(device)
     method.bind(model)
     optim_cfg = cfg.OPTIMIZER

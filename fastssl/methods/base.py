@@ -23,6 +23,8 @@ class RunInfo:
     total_iterations: int
     output_dir: str
     device: torch.device
+    head_params: list = field(default_factory=list)  # MODEL.HEAD.PARAMS, for values a loss infers from it
+    drop_last: bool = True
     process_group: object | None = None
     extras: dict = field(default_factory=dict)
 

@@ -47,14 +47,21 @@ class SwAV(Method):
 
     @classmethod
     def from_config(cls, params: dict, run: RunInfo) -> "SwAV":
+        """LOSS.swav_loss plus the values VISSL infers: num_crops from the transforms, embedding_dim and
+        num_prototypes from the swav_head, the queue rounded down to whole global batches."""
+        head_name, head = run.head_params[-1]
+        if head_name != "swav_head":
+            raise ValueError("swav_loss needs a swav_head as the last entry of MODEL.HEAD.PARAMS")
+        queue_length = params["queue"]["queue_length"]
+        queue_length -= queue_length % run.global_batch_size
         return cls(temperature=params["temperature"], epsilon=params["epsilon"], num_iters=params["num_iters"],
-                   crops_for_assign=params["crops_for_assign"], num_crops=params["num_crops"],
-                   num_prototypes=params["num_prototypes"], embedding_dim=params["embedding_dim"],
+                   crops_for_assign=params["crops_for_assign"], num_crops=run.num_crops,
+                   num_prototypes=list(head["num_clusters"]), embedding_dim=head["dims"][-1],
                    use_double_precision=params["use_double_precision"],
                    temp_hard_assignment_iters=params["temp_hard_assignment_iters"],
                    normalize_last_layer=params["normalize_last_layer"],
                    queue_start_iter=params["queue"]["start_iter"],
-                   local_queue_length=params["queue"]["local_queue_length"], process_group=run.process_group)
+                   local_queue_length=queue_length // run.world_size, process_group=run.process_group)
 
     def bind(self, model: nn.Module) -> None:
         head = model.heads[-1]
