@@ -7,6 +7,7 @@ Derived values (dataset size, global batch, scaled LR, queue length, iterations)
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 import sys
@@ -25,7 +26,7 @@ from .config import ConfigError, compose_config
 from .engine import LoopSettings, NonFiniteLossError, TrainState, train
 from .methods import METHODS, RunInfo
 from .metrics import RunLogger
-from .models import build_model
+from .models import build_model, build_trunk, fit_head_to_trunk
 from .optim import build_optimizer, precompute_schedule, scale_lr_schedule
 
 
@@ -101,6 +102,21 @@ def derive(cfg: DictConfig, *, world_size: int, num_samples: int, iterations_per
     return derived
 
 
+def build_run_model(cfg: DictConfig, *, on_meta: bool = False) -> torch.nn.Module:
+    """MODEL.TRUNK + MODEL.HEAD; the first head's input follows the trunk (a notice says when it changes)."""
+    trunk = cfg.MODEL.TRUNK
+    resnet = OmegaConf.to_container(trunk.RESNETS)
+    regnet = {k: v for k, v in OmegaConf.to_container(trunk.REGNET).items() if v is not None}
+    with torch.device("meta"):
+        feature_dim = build_trunk(trunk.NAME, resnet=resnet, regnet=regnet).feature_dim
+    head_params, changed = fit_head_to_trunk(OmegaConf.to_container(cfg.MODEL.HEAD.PARAMS), feature_dim)
+    if changed:
+        notice(f"MODEL.HEAD.PARAMS[0] dims[0] set to the trunk's feature_dim {feature_dim}")
+    with torch.device("meta") if on_meta else contextlib.nullcontext():
+        return build_model(trunk_name=trunk.NAME, resnet=resnet, regnet=regnet, alexnet=None,
+                           head_params=head_params, channels_last=cfg.MODEL.CHANNELS_LAST)
+
+
 def frozen_parameters(model: torch.nn.Module, frozen_map) -> list:
     """MODEL.TEMP_FROZEN_PARAMS_ITER_MAP -> [([param], until_step)]; VISSL's names are accepted."""
     named = dict(model.named_parameters())
@@ -164,11 +180,7 @@ def run(cfg: DictConfig) -> TrainState:
                f"checkpoints {checkpoint_dir}")
 
     # ---------------- model, method, optimizer -------------------------------------------------
-    trunk = cfg.MODEL.TRUNK
-    model = build_model(trunk_name=trunk.NAME, resnet=OmegaConf.to_container(trunk.RESNETS),
-                        regnet={k: v for k, v in OmegaConf.to_container(trunk.REGNET).items() if v is not None},
-                        alexnet=None, head_params=OmegaConf.to_container(cfg.MODEL.HEAD.PARAMS),
-                        channels_last=cfg.MODEL.CHANNELS_LAST).to(device)
+    model = build_run_model(cfg).to(device)
     if cfg.LOSS.name not in METHODS:
         raise ConfigError(f"config.LOSS.name {cfg.LOSS.name!r} is not one of {sorted(METHODS)}")
     loss_params = {**derived["loss_params"], "output_dir": derived["loss_params"].get("output_dir") or checkpoint_dir}

@@ -48,6 +48,20 @@ class SSLModel(nn.Module):
         return self.heads(features[0] if len(features) == 1 else torch.cat(features))
 
 
+def fit_head_to_trunk(head_params: list, feature_dim: int) -> tuple[list, bool]:
+    """Set the first head's input dims[0] to the trunk's feature_dim.
+
+    The seed command lines change the trunk (ResNet-50-w2: 4096 features) without restating the
+    head, whose dims[0] was written for ResNet-50 (2048). Returns (params, whether dims[0] changed).
+    """
+    if not head_params:
+        return head_params, False
+    (name, kwargs), rest = head_params[0], head_params[1:]
+    if kwargs["dims"][0] == feature_dim:
+        return head_params, False
+    return [[name, {**kwargs, "dims": [feature_dim, *kwargs["dims"][1:]]}], *rest], True
+
+
 def build_model(*, trunk_name: str, resnet: dict, regnet: dict, alexnet: dict | None, head_params: list,
                 channels_last: bool) -> SSLModel:
     """Build MODEL.TRUNK and MODEL.HEAD into an SSLModel (see build_trunk, build_heads).

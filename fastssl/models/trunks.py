@@ -243,7 +243,10 @@ def _build_torchvision_regnet(regnet: dict) -> RegNet:
         presets = torchvision.models.list_models(include="regnet_*")
         if preset not in presets:
             raise ValueError(f"unknown MODEL.TRUNK.REGNET.name {preset!r}; torchvision has {presets}")
-        return torchvision.models.get_model(preset, weights=None)
+        # torchvision's presets compute their widths with torch ops read back as ints, which fails on
+        # the meta device: presets are built on the CPU (the largest is a few GB; seeds name small ones).
+        with torch.device("cpu"):
+            return torchvision.models.get_model(preset, weights=None)
     _check_keys("MODEL.TRUNK.REGNET", params, required=REGNET_CUSTOM_KEYS[:5],
                 optional=REGNET_CUSTOM_KEYS[5:])
     # The stage widths are computed with torch ops and read back as ints: pin them to the CPU so
