@@ -1,0 +1,105 @@
+"""The built-in synthetic dataset: layout, determinism, caching, atomicity, class evidence."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from loaders import synthetic
+from loaders.synthetic import CLASS_NAMES, MANIFEST_NAME, draw_image, ensure_synthetic_dataset
+
+PARAMS = dict(image_size=24, train_per_class=3, val_per_class=1)
+
+
+def test_layout_and_reuse(tiny_root):
+    for split, count in (("train", 4), ("val", 2)):
+        assert sorted(p.name for p in (tiny_root / split).iterdir()) == sorted(CLASS_NAMES)
+        images = sorted((tiny_root / split).rglob("*.jpg"))
+        assert len(images) == 10 * count
+        with Image.open(images[0]) as image:
+            assert image.size == (32, 32) and image.mode == "RGB"
+    manifest = json.loads((tiny_root / MANIFEST_NAME).read_text())
+    assert manifest["image_size"] == 32 and manifest["train_per_class"] == 4
+    stamp = (tiny_root / "train" / "circle" / "00000.jpg").stat().st_mtime_ns
+    assert ensure_synthetic_dataset(tiny_root, image_size=32, train_per_class=4, val_per_class=2, seed=0) == tiny_root
+    assert (tiny_root / "train" / "circle" / "00000.jpg").stat().st_mtime_ns == stamp  # reused, not redrawn
+
+
+def test_deterministic_from_seed(tmp_path):
+    first = ensure_synthetic_dataset(tmp_path / "a", seed=5, **PARAMS)
+    second = ensure_synthetic_dataset(tmp_path / "b", seed=5, **PARAMS)
+    other = ensure_synthetic_dataset(tmp_path / "c", seed=6, **PARAMS)
+    name = "train/star/00002.jpg"
+    assert (first / name).read_bytes() == (second / name).read_bytes()
+    assert (first / name).read_bytes() != (other / name).read_bytes()
+
+
+def test_default_root_and_regeneration_on_new_params(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTSSL_CACHE", str(tmp_path / "cache"))
+    root = ensure_synthetic_dataset(seed=0, **PARAMS)
+    assert root.parent == tmp_path / "cache" and "24px" in root.name
+    changed = ensure_synthetic_dataset(root, seed=0, image_size=24, train_per_class=2, val_per_class=1)
+    assert changed == root and len(list((root / "train" / "ring").iterdir())) == 2
+    assert [p.name for p in root.parent.iterdir()] == [root.name]  # no staging or stale directory left
+
+
+def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
+    calls = []
+
+    def failing_draw(name, *, size, rng):
+        calls.append(name)
+        if len(calls) > 5:
+            raise KeyboardInterrupt  # a killed run
+        return np.zeros((size, size, 3), np.uint8)
+
+    monkeypatch.setattr(synthetic, "draw_image", failing_draw)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_synthetic_dataset(tmp_path / "data", seed=0, **PARAMS)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_a_foreign_directory(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(ValueError, match="without"):
+        ensure_synthetic_dataset(tmp_path / "mine", seed=0, **PARAMS)
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+
+
+def test_class_is_not_in_the_colour():
+    """Nearest-centroid classification on mean colour must be near chance (10%): the class lives
+    in the shape and texture only, so colour-invariant features are needed."""
+    def mean_colours(offset):
+        return np.array([
+            [draw_image(name, size=24, rng=np.random.default_rng([9, label, offset + i])).reshape(-1, 3).mean(0)
+             for i in range(30)]
+            for label, name in enumerate(CLASS_NAMES)
+        ])  # (classes, images, 3)
+
+    centroids = mean_colours(0).mean(axis=1)
+    test = mean_colours(1000)
+    predicted = np.linalg.norm(test[:, :, None, :] - centroids[None, None], axis=-1).argmin(-1)
+    accuracy = (predicted == np.arange(10)[:, None]).mean()
+    assert accuracy < 0.25
+
+
+def test_class_is_in_the_structure():
+    """Leave-one-out 1-NN on a colour-free feature (a gradient-orientation histogram) is far
+    above chance: the class evidence is there for colour-invariant features to find."""
+    def orientation_histogram(pixels):
+        gy, gx = np.gradient(pixels.astype(np.float32).mean(-1))
+        magnitude = np.hypot(gx, gy)
+        angle = np.arctan2(gy, gx) % (np.pi / 2)  # invariant to flips and to light-on-dark vs dark-on-light
+        histogram, _ = np.histogram(angle, bins=8, range=(0, np.pi / 2), weights=magnitude)
+        return np.concatenate([histogram / (histogram.sum() + 1e-9), [(magnitude > magnitude.mean()).mean()]])
+
+    features = np.array([
+        orientation_histogram(draw_image(name, size=48, rng=np.random.default_rng([1, label, i])))
+        for label, name in enumerate(CLASS_NAMES) for i in range(20)
+    ])
+    labels = np.repeat(np.arange(10), 20)
+    distances = np.linalg.norm(features[:, None] - features[None], axis=-1)
+    np.fill_diagonal(distances, np.inf)
+    assert (labels[distances.argmin(1)] == labels).mean() > 0.35
