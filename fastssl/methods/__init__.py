@@ -1,7 +1,9 @@
 """The registry of methods, keyed by their VISSL loss name (LOSS.name)."""
 from .base import Method, RunInfo
+from .deepclusterv2 import DeepClusterV2
+from .npid import NPID
 from .swav import SwAV
 
-METHODS = {"swav_loss": SwAV}
+METHODS = {"swav_loss": SwAV, "deepclusterv2_loss": DeepClusterV2, "nce_loss_with_memory": NPID}
 
 __all__ = ["METHODS", "Method", "RunInfo"]
