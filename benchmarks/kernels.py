@@ -195,8 +195,17 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU intra-op threads (default: torch's); 1 is steadier on a shared machine")
     args = parser.parse_args(argv)
+    previous_threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    try:
+        return run_benchmarks(args, argv)
+    finally:
+        torch.set_num_threads(previous_threads)  # main() may be called in-process (smoke test)
+
+
+def run_benchmarks(args, argv):
+    """Times every case, prints the table row by row, then the JSON record; returns the record."""
     device = torch.device(args.device)
     sizes = QUICK if args.quick else FULL
     repeats = 2 if args.quick else 3

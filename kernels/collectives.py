@@ -78,7 +78,8 @@ class _AllGatherCatWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_gathered):
-        grad_gathered = grad_gathered.contiguous()
+        # A copy: autograd may hand the same gradient buffer to other consumers.
+        grad_gathered = grad_gathered.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(grad_gathered, op=dist.ReduceOp.SUM, group=ctx.group)
         start = rank(ctx.group) * ctx.local_rows
         return grad_gathered[start : start + ctx.local_rows], None
