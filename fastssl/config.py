@@ -178,6 +178,7 @@ def compose_config(argv: list[str]) -> DictConfig:
     validate(config, ROOT_DEFAULTS)
     for path, text in assignments:
         _set(config, path, parse_value(text))
+    validate(config, ROOT_DEFAULTS)  # a mapping set whole from the command line is checked key by key
     result = OmegaConf.create(config)
     OmegaConf.set_readonly(result, True)
     return result

@@ -1,0 +1,26 @@
+"""fastssl-bench: side-by-side throughput benchmarks (a ratio against a baseline in one run).
+
+    fastssl-bench loader [options]    loader backends against a per-crop PIL DataLoader baseline
+    fastssl-bench kernels [options]   NPID step and k-means against straightforward baselines
+    fastssl-bench comm [options]      bytes per collective and expected scaling efficiency (on paper)
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {"loader": "benchmarks.loader", "kernels": "benchmarks.kernels", "comm": "benchmarks.comm_volume"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__.strip(), file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[argv[0]])
+    result = module.main(argv[1:])  # some return their figures as a dict
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
