@@ -8,9 +8,11 @@ Derived values (dataset size, global batch, scaled LR, queue length, iterations)
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import re
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from loaders.build import build_train_loader
 from loaders.recipe import recipe_from_transforms
 
-from . import dist
+from . import dist, launch
 from .checkpoint import latest_checkpoint, load_checkpoint, set_rng_state
 from .config import ConfigError, compose_config
 from .engine import LoopSettings, NonFiniteLossError, TrainState, train
@@ -31,14 +33,17 @@ from .optim import build_optimizer, precompute_schedule, scale_lr_schedule
 
 
 def notice(message: str) -> None:
-    print(f"fastssl: {message}", file=sys.stderr, flush=True)
+    if os.environ.get("RANK", "0") == "0":  # one copy per job, not per worker
+        print(f"fastssl: {message}", file=sys.stderr, flush=True)
 
 
 def select_device(cfg: DictConfig, info: dist.DistInfo) -> torch.device:
     if cfg.MACHINE.DEVICE == "gpu":
         if torch.cuda.is_available():
-            torch.cuda.set_device(info.local_rank)
-            return torch.device("cuda", info.local_rank)
+            # A launcher that gives each worker one GPU (srun --gpus-per-task=1) leaves it index 0.
+            index = 0 if torch.cuda.device_count() == 1 else info.local_rank
+            torch.cuda.set_device(index)
+            return torch.device("cuda", index)
         notice("MACHINE.DEVICE=gpu but no CUDA device is visible: training on the CPU")
     elif cfg.MACHINE.DEVICE != "cpu":
         raise ConfigError(f"config.MACHINE.DEVICE must be gpu or cpu, got {cfg.MACHINE.DEVICE!r}")
@@ -102,19 +107,38 @@ def derive(cfg: DictConfig, *, world_size: int, num_samples: int, iterations_per
     return derived
 
 
-def build_run_model(cfg: DictConfig, *, on_meta: bool = False) -> torch.nn.Module:
-    """MODEL.TRUNK + MODEL.HEAD; the first head's input follows the trunk (a notice says when it changes)."""
+def resolve_head_params(cfg: DictConfig) -> list:
+    """MODEL.HEAD.PARAMS fitted to the run: the first head's input follows the trunk's feature_dim, and
+    the last head's output follows LOSS.<name>.memory_params.embedding_dim where the loss sets one
+    (the DeepClusterV2 page changes the projection with that key). A notice says what changed."""
     trunk = cfg.MODEL.TRUNK
-    resnet = OmegaConf.to_container(trunk.RESNETS)
-    regnet = {k: v for k, v in OmegaConf.to_container(trunk.REGNET).items() if v is not None}
     with torch.device("meta"):
-        feature_dim = build_trunk(trunk.NAME, resnet=resnet, regnet=regnet).feature_dim
+        feature_dim = build_trunk(trunk.NAME, resnet=OmegaConf.to_container(trunk.RESNETS),
+                                  regnet=_regnet_params(cfg)).feature_dim
     head_params, changed = fit_head_to_trunk(OmegaConf.to_container(cfg.MODEL.HEAD.PARAMS), feature_dim)
     if changed:
         notice(f"MODEL.HEAD.PARAMS[0] dims[0] set to the trunk's feature_dim {feature_dim}")
+    loss = cfg.LOSS.get(cfg.LOSS.name) or {}
+    embedding_dim = (loss.get("memory_params") or {}).get("embedding_dim")
+    if embedding_dim is not None and head_params and head_params[-1][1]["dims"][-1] != embedding_dim:
+        name, kwargs = head_params[-1]
+        head_params = [*head_params[:-1], [name, {**kwargs, "dims": [*kwargs["dims"][:-1], embedding_dim]}]]
+        notice(f"MODEL.HEAD.PARAMS[-1] output dim set to LOSS.{cfg.LOSS.name}.memory_params.embedding_dim "
+               f"{embedding_dim}")
+    return head_params
+
+
+def _regnet_params(cfg: DictConfig) -> dict:
+    return {k: v for k, v in OmegaConf.to_container(cfg.MODEL.TRUNK.REGNET).items() if v is not None}
+
+
+def build_run_model(cfg: DictConfig, *, head_params: list, on_meta: bool = False) -> torch.nn.Module:
+    """MODEL.TRUNK + the resolved heads, on the meta device when asked (for checks of huge models)."""
+    trunk = cfg.MODEL.TRUNK
     with torch.device("meta") if on_meta else contextlib.nullcontext():
-        return build_model(trunk_name=trunk.NAME, resnet=resnet, regnet=regnet, alexnet=None,
-                           head_params=head_params, channels_last=cfg.MODEL.CHANNELS_LAST)
+        return build_model(trunk_name=trunk.NAME, resnet=OmegaConf.to_container(trunk.RESNETS),
+                           regnet=_regnet_params(cfg), alexnet=None, head_params=head_params,
+                           channels_last=cfg.MODEL.CHANNELS_LAST)
 
 
 def frozen_parameters(model: torch.nn.Module, frozen_map) -> list:
@@ -137,13 +161,22 @@ def seed_everything(seed: int) -> None:
 
 
 def run(cfg: DictConfig) -> TrainState:
+    """Train in this process: the only one, or one worker of a distributed run (see launch.py)."""
     info = dist.from_environment()
-    configured_world = cfg.DISTRIBUTED.NUM_NODES * cfg.DISTRIBUTED.NUM_PROC_PER_NODE
-    if info.world_size == 1 and configured_world > 1:
-        notice(f"DISTRIBUTED asks for {configured_world} processes but this is a single-process run: "
-               "training on one process (set DISTRIBUTED.NUM_PROC_PER_NODE=1 NUM_NODES=1 to silence this)")
     device = select_device(cfg, info)
-    dist.init_process_group(info, backend=cfg.DISTRIBUTED.BACKEND, device=device)
+    # DISTRIBUTED.TIMEOUT_SECONDS (None until the key exists: torch's default) bounds the wait of
+    # the ranks left in a collective when another one dies outside fastssl's launcher.
+    dist.init_process_group(info, backend=cfg.DISTRIBUTED.BACKEND, init_method=cfg.DISTRIBUTED.INIT_METHOD,
+                            device=device, timeout_s=OmegaConf.select(cfg, "DISTRIBUTED.TIMEOUT_SECONDS"))
+    # Before the loader forks its workers, so that they inherit the handler (see StopOnSignal).
+    stop = dist.StopOnSignal(check_every=cfg.LOG_FREQUENCY, group=dist.control_group(device))
+    try:
+        return _train_run(cfg, info=info, device=device, stop=stop)
+    finally:
+        stop.close()
+
+
+def _train_run(cfg: DictConfig, *, info: dist.DistInfo, device: torch.device, stop: dist.StopOnSignal) -> TrainState:
     autocast_dtype, needs_scaler = select_amp(cfg, device)
     if cfg.MODEL.SYNC_BN_CONFIG.CONVERT_BN_TO_SYNC_BN and cfg.MODEL.SYNC_BN_CONFIG.SYNC_BN_TYPE == "apex":
         notice("SYNC_BN_TYPE apex is mapped to torch.nn.SyncBatchNorm")
@@ -180,7 +213,13 @@ def run(cfg: DictConfig) -> TrainState:
                f"checkpoints {checkpoint_dir}")
 
     # ---------------- model, method, optimizer -------------------------------------------------
-    model = build_run_model(cfg).to(device)
+    head_params = resolve_head_params(cfg)
+    model = build_run_model(cfg, head_params=head_params).to(device)
+    sync_bn = cfg.MODEL.SYNC_BN_CONFIG
+    if sync_bn.CONVERT_BN_TO_SYNC_BN and info.world_size > 1:  # on one process SyncBN is plain BN
+        bn_group = dist.sync_bn_process_group(rank=info.rank, world_size=info.world_size,
+                                              local_world_size=info.local_world_size, group_size=sync_bn.GROUP_SIZE)
+        model = dist.convert_sync_batchnorm(model, process_group=bn_group, device=device)
     if cfg.LOSS.name not in METHODS:
         raise ConfigError(f"config.LOSS.name {cfg.LOSS.name!r} is not one of {sorted(METHODS)}")
     loss_params = {**derived["loss_params"], "output_dir": derived["loss_params"].get("output_dir") or checkpoint_dir}
@@ -190,8 +229,8 @@ def run(cfg: DictConfig) -> TrainState:
                        num_train_samples=derived["num_train_samples"],
                        iterations_per_epoch=derived["iterations_per_epoch"],
                        total_iterations=derived["total_iterations"], output_dir=loss_params["output_dir"],
-                       device=device, head_params=OmegaConf.to_container(cfg.MODEL.HEAD.PARAMS),
-                       drop_last=train_cfg.DROP_LAST)
+                       device=device, head_params=head_params,
+                       drop_last=train_cfg.DROP_LAST, process_group=dist.global_group())
     method = METHODS[cfg.LOSS.name].from_config(loss_params, run_info).to(device)
     method.bind(model)
     optim_cfg = cfg.OPTIMIZER
@@ -203,7 +242,9 @@ def run(cfg: DictConfig) -> TrainState:
                                 larc_eps=optim_cfg.larc_config.eps)
     scaler = torch.amp.GradScaler(device.type) if needs_scaler else None
     frozen = frozen_parameters(model, OmegaConf.to_container(cfg.MODEL.TEMP_FROZEN_PARAMS_ITER_MAP))
-    trained_model = torch.compile(model) if cfg.MODEL.TORCH_COMPILE else model
+    trained_model = dist.wrap_ddp(model, device=device) if info.world_size > 1 else model
+    if cfg.MODEL.TORCH_COMPILE:
+        trained_model = torch.compile(trained_model)
 
     # ---------------- resume ----------------------------------------------------------------
     state = TrainState()
@@ -230,34 +271,60 @@ def run(cfg: DictConfig) -> TrainState:
         lr_schedule=derived["lr_schedule"], autocast_dtype=autocast_dtype, log_frequency=cfg.LOG_FREQUENCY,
         checkpoint_dir=checkpoint_dir, checkpoint_every_epochs=cfg.CHECKPOINT.CHECKPOINT_FREQUENCY,
         checkpoint_every_steps=cfg.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY, frozen_params=frozen, rank=info.rank,
-        images_per_step=derived["global_batch_size"],
+        images_per_step=derived["global_batch_size"], stop_requested=stop,
         extra_state={"config": OmegaConf.to_container(cfg), "derived_world_size": info.world_size})
     try:
         state = train(model=model, trained_model=trained_model, method=method, optimizer=optimizer, scaler=scaler,
                       loader=loader, state=state, settings=settings, logger=logger)
     finally:
         logger.close()
-    if info.is_main:
+    if stop.stopped and state.step < derived["total_iterations"]:
+        notice(f"stopped by a signal at step {state.step} with a checkpoint in {checkpoint_dir}; "
+               "the same command resumes")
+    else:
         notice(f"training finished at step {state.step}; checkpoints in {checkpoint_dir}")
     return state
 
 
+def fail(message: str, status: int) -> int:
+    """Print an error (a spawned worker hands it to its launcher, which prints the first one once)."""
+    if not launch.record_error(message):
+        print(message, file=sys.stderr, flush=True)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
+    """fastssl-train: run here, or spawn DISTRIBUTED.NUM_PROC_PER_NODE workers (see launch.py)."""
     argv = sys.argv[1:] if argv is None else argv
     try:
-        run(compose_config(argv))
+        cfg = compose_config(argv)
+        distributed = cfg.DISTRIBUTED
+        plan = launch.plan_launch(num_nodes=distributed.NUM_NODES, num_proc_per_node=distributed.NUM_PROC_PER_NODE,
+                                  run_id=distributed.RUN_ID, environ=dict(os.environ),
+                                  gpus_visible=torch.cuda.device_count() if cfg.MACHINE.DEVICE == "gpu"
+                                  and torch.cuda.is_available() else None)
+        if plan.notice:
+            notice(plan.notice)
+        if plan.spawn:
+            return launch.run_workers(command=[sys.executable, "-m", "fastssl.train", *argv],
+                                      num_workers=plan.spawn, node_rank=plan.node_rank, world_size=plan.world_size,
+                                      master_addr=plan.master_addr, master_port=plan.master_port)
+        os.environ.update(plan.worker_env)
+        launch.exit_with_launcher()
+        run(cfg)
     except ConfigError as error:
-        print(f"fastssl-train: error: {error}", file=sys.stderr)
-        return 2
+        return fail(f"fastssl-train: error: {error}", 2)
     except NonFiniteLossError as error:
-        print(f"fastssl-train: error: {error}", file=sys.stderr)
-        return 3
+        return fail(f"fastssl-train: error: {error}", 3)
     except (FileNotFoundError, ValueError) as error:  # bad data paths, bad transform or head lists
-        print(f"fastssl-train: error: {error}", file=sys.stderr)
-        return 2
+        return fail(f"fastssl-train: error: {error}", 2)
     except KeyboardInterrupt:
         print("fastssl-train: interrupted; the last checkpoint is intact", file=sys.stderr)
         return 130
+    except Exception:
+        if not launch.record_error(traceback.format_exc()):
+            raise
+        return 1
     finally:
         dist.shutdown()
     return 0

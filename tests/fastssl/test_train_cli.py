@@ -9,7 +9,7 @@ import torch
 
 from fastssl.checkpoint import latest_checkpoint, load_checkpoint
 from fastssl.config import compose_config
-from fastssl.train import build_run_model, main
+from fastssl.train import build_run_model, main, resolve_head_params
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["config.DATA.TRAIN.SYNTHETIC.IMAGE_SIZE=32", "config.DATA.TRAIN.SYNTHETIC.TRAIN_PER_CLASS=4",
@@ -44,7 +44,7 @@ SEED_COMMANDS = [
 @pytest.mark.parametrize("overrides", SEED_COMMANDS, ids=lambda o: " ".join(o)[:60] or "default")
 def test_seed_command_lines_compose_and_build(overrides):
     cfg = compose_config(["config=pretrain/swav/swav_8node_resnet"] + overrides)
-    model = build_run_model(cfg, on_meta=True)
+    model = build_run_model(cfg, head_params=resolve_head_params(cfg), on_meta=True)
     assert model.heads[0].prototypes[0].weight.shape[0] == cfg.MODEL.HEAD.PARAMS[0][1].num_clusters[0]
     assert model.heads[0].prototypes[0].weight.is_meta
 
