@@ -27,6 +27,27 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _write_atomically(state: dict, final: Path) -> None:
+    temporary = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    with open(temporary, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, final)
+
+
+def rank_state_path(directory: str | Path, *, step: int, rank: int) -> Path:
+    return Path(directory) / f"rank_state_step{step:08d}_rank{rank}.torch"
+
+
+def save_rank_state(directory: str | Path, state: dict, *, step: int, rank: int) -> Path:
+    """A rank's own part of the checkpoint of ``step`` (its method state and random streams)."""
+    final = rank_state_path(directory, step=step, rank=rank)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomically(state, final)
+    return final
+
+
 def save_checkpoint(directory: str | Path, state: dict, *, step: int, keep: int = 2) -> Path:
     """Write ``state`` to DIR/checkpoint_step<step>.torch via a temporary file and a rename.
 
@@ -36,14 +57,12 @@ def save_checkpoint(directory: str | Path, state: dict, *, step: int, keep: int 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"checkpoint_step{step:08d}.torch"
-    temporary = directory / f".{final.name}.tmp-{os.getpid()}"
-    with open(temporary, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, final)
+    _write_atomically(state, final)
     for old in list_checkpoints(directory)[:-keep]:
         old.unlink(missing_ok=True)
+        old_step = int(_NAME.match(old.name).group(1))
+        for sidecar in directory.glob(f"rank_state_step{old_step:08d}_rank*.torch"):
+            sidecar.unlink(missing_ok=True)
     return final
 
 

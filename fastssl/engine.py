@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import rng_state, save_checkpoint
+from .checkpoint import rng_state, save_checkpoint, save_rank_state
 from .methods.base import Method
 from .metrics import RunLogger
 
@@ -51,6 +51,26 @@ def _checkpoint_state(*, model, optimizer, scaler, method, state: TrainState, se
             "method": method.state_dict(), "rng": rng_state(),
             "step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
             **settings.extra_state}
+
+
+def _save_all_ranks(*, model, optimizer, scaler, method, state, settings) -> Path | None:
+    """Ranks > 0 write their own method and RNG state (queues, memories, random streams differ per
+    rank) beside the checkpoint first; rank 0 writes the checkpoint itself once they all have, so a
+    checkpoint file on disk always has its per-rank files."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if settings.rank != 0:
+        save_rank_state(settings.checkpoint_dir, {"method": method.state_dict(), "rng": rng_state()},
+                        step=state.step, rank=settings.rank)
+    if distributed:
+        torch.distributed.barrier()
+    path = None
+    if settings.rank == 0:
+        path = save_checkpoint(settings.checkpoint_dir, _checkpoint_state(
+            model=model, optimizer=optimizer, scaler=scaler, method=method, state=state, settings=settings),
+            step=state.step)
+    if distributed:
+        torch.distributed.barrier()
+    return path
 
 
 def _dump_non_finite(*, directory: str, batch, outputs, loss, method: Method, step: int, rank: int) -> Path:
@@ -135,6 +155,9 @@ def train(*, model: nn.Module, trained_model: nn.Module, method: Method, optimiz
             end_of_epoch = state.batch_in_epoch == settings.steps_per_epoch
 
             if window_steps == settings.log_frequency or end_of_epoch or state.step == total_steps:
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    torch.distributed.all_reduce(loss_sum)  # the logged loss is the mean over ranks
+                    loss_sum /= torch.distributed.get_world_size()
                 bad = int(first_bad_step)  # sync: once per log period
                 if bad >= 0:
                     dump = _dump_non_finite(directory=settings.checkpoint_dir, batch=batch, outputs=outputs,
@@ -155,15 +178,15 @@ def train(*, model: nn.Module, trained_model: nn.Module, method: Method, optimiz
             if end_of_epoch:
                 state.epoch, state.batch_in_epoch = epoch + 1, 0
             stop = settings.stop_requested is not None and settings.stop_requested()
-            if settings.rank == 0 and (
-                    stop
+            if (stop
                     or (end_of_epoch and ((epoch + 1) % settings.checkpoint_every_epochs == 0
                                           or epoch + 1 == settings.num_epochs))
                     or (settings.checkpoint_every_steps > 0 and state.step % settings.checkpoint_every_steps == 0)):
-                path = save_checkpoint(settings.checkpoint_dir, _checkpoint_state(
-                    model=model, optimizer=optimizer, scaler=scaler, method=method, state=state,
-                    settings=settings), step=state.step)
-                logger.info(f"fastssl: saved checkpoint {path}")
+                # Every rank reaches this together (the conditions are the same on all ranks).
+                path = _save_all_ranks(model=model, optimizer=optimizer, scaler=scaler, method=method, state=state,
+                                       settings=settings)
+                if path is not None:
+                    logger.info(f"fastssl: saved checkpoint {path}")
             if stop:
                 logger.info(f"fastssl: stop requested; stopped at step {state.step}")
                 return state

@@ -23,7 +23,7 @@ from loaders.build import build_train_loader
 from loaders.recipe import recipe_from_transforms
 
 from . import dist, launch
-from .checkpoint import latest_checkpoint, load_checkpoint, set_rng_state
+from .checkpoint import latest_checkpoint, load_checkpoint, rank_state_path, set_rng_state
 from .config import ConfigError, compose_config
 from .engine import LoopSettings, NonFiniteLossError, TrainState, train
 from .methods import METHODS, RunInfo
@@ -164,10 +164,10 @@ def run(cfg: DictConfig) -> TrainState:
     """Train in this process: the only one, or one worker of a distributed run (see launch.py)."""
     info = dist.from_environment()
     device = select_device(cfg, info)
-    # DISTRIBUTED.TIMEOUT_SECONDS (None until the key exists: torch's default) bounds the wait of
+    # DISTRIBUTED.TIMEOUT_SECONDS bounds the wait of
     # the ranks left in a collective when another one dies outside fastssl's launcher.
     dist.init_process_group(info, backend=cfg.DISTRIBUTED.BACKEND, init_method=cfg.DISTRIBUTED.INIT_METHOD,
-                            device=device, timeout_s=OmegaConf.select(cfg, "DISTRIBUTED.TIMEOUT_SECONDS"))
+                            device=device, timeout_s=cfg.DISTRIBUTED.TIMEOUT_SECONDS)
     # Before the loader forks its workers, so that they inherit the handler (see StopOnSignal).
     stop = dist.StopOnSignal(check_every=cfg.LOG_FREQUENCY, group=dist.control_group(device))
     try:
@@ -255,6 +255,12 @@ def _train_run(cfg: DictConfig, *, info: dist.DistInfo, device: torch.device, st
         optimizer.load_state_dict(saved["optimizer"])
         if scaler is not None and saved["scaler"] is not None:
             scaler.load_state_dict(saved["scaler"])
+        own = rank_state_path(checkpoint_dir, step=saved["step"], rank=info.rank)
+        if info.rank > 0 and own.exists():
+            saved.update(load_checkpoint(own, map_location=device))  # this rank's method state and streams
+        elif info.rank > 0:
+            print(f"fastssl: no per-rank state {own.name}: rank {info.rank} resumes with rank 0's method state",
+                  file=sys.stderr)
         method.load_state_dict(saved["method"])
         set_rng_state(saved["rng"])
         state = TrainState(step=saved["step"], epoch=saved["epoch"], batch_in_epoch=saved["batch_in_epoch"])

@@ -5,6 +5,8 @@ set_epoch(epoch, start_batch) reproduces an epoch's batches exactly from any bat
 """
 from __future__ import annotations
 
+import signal
+
 import logging
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,6 +24,12 @@ SOURCES = ("synthetic", "disk_folder")
 BACKENDS = ("torchvision", "dali", "ffcv")
 # The built-in dataset is a fixed benchmark: its content does not follow the training seed.
 _SYNTHETIC_SEED = 0
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """SLURM preemption signals every process: the workers leave the stop to the trainer, which
+    checkpoints at the next step boundary and then shuts them down."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class TrainLoader:
@@ -55,6 +63,7 @@ class TrainLoader:
             collate_fn=collate_crops,
             pin_memory=device.type == "cuda",
             persistent_workers=num_workers > 0,
+            worker_init_fn=_ignore_sigterm,
         )
 
     def __len__(self) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from fastssl.checkpoint import latest_checkpoint, load_checkpoint
+from fastssl.checkpoint import latest_checkpoint, load_checkpoint, rank_state_path
 from fastssl.train import main
 from rank_harness import run_ranks
 
@@ -81,12 +81,15 @@ def _sigterm_rank1_after_two_steps(directory: Path):
 
 
 def test_sigterm_on_one_rank_checkpoints_and_the_run_resumes_exactly(tmp_path):
+    # With a SwAV queue: each rank's queue differs, so the resume must restore every rank's own state
+    # (rank 0 in the checkpoint, rank 1 in its rank_state file).
     straight_dir, stopped_dir = tmp_path / "straight", tmp_path / "stopped"
-    assert run_ranks(_train(TWO_RANKS + [f"config.CHECKPOINT.DIR={straight_dir}"]), world_size=2,
+    queue = ["config.LOSS.swav_loss.queue.queue_length=16"]
+    assert run_ranks(_train(TWO_RANKS + queue + [f"config.CHECKPOINT.DIR={straight_dir}"]), world_size=2,
                      init_group=False, deadline_s=120) == [0, 0]
     straight = final_checkpoint(straight_dir)
 
-    argv = TWO_RANKS + [f"config.CHECKPOINT.DIR={stopped_dir}"]
+    argv = TWO_RANKS + queue + [f"config.CHECKPOINT.DIR={stopped_dir}"]
     statuses = run_ranks(_train(argv), world_size=2, init_group=False, deadline_s=120,
                          while_running=_sigterm_rank1_after_two_steps(stopped_dir))
     assert statuses == [0, 0]  # both ranks stopped cleanly, although only rank 1 was signalled
@@ -101,6 +104,10 @@ def test_sigterm_on_one_rank_checkpoints_and_the_run_resumes_exactly(tmp_path):
         assert torch.equal(resumed["model"][key], value), key
     for index, state in straight["optimizer"]["state"].items():
         assert torch.equal(resumed["optimizer"]["state"][index]["momentum_buffer"], state["momentum_buffer"])
+    assert torch.equal(resumed["method"]["queue"], straight["method"]["queue"])
+    rank1 = [load_checkpoint(rank_state_path(d, step=STEPS, rank=1)) for d in (straight_dir, stopped_dir)]
+    assert torch.equal(rank1[0]["method"]["queue"], rank1[1]["method"]["queue"])
+    assert not torch.equal(rank1[0]["method"]["queue"], straight["method"]["queue"])  # per-rank queues differ
 
 
 def test_eight_node_config_with_one_process_per_node_trains_here_with_a_notice(tmp_path, capfd):
