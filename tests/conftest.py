@@ -1,6 +1,11 @@
 import os
+import sys
 
 import pytest
+
+# Shared helpers (rank_harness) live beside this file; test folders are not packages (a tests/kernels
+# package would shadow the real kernels package).
+sys.path.insert(0, os.path.dirname(__file__))
 
 # Every test process shares one small built-in dataset cache instead of writing to ~/.cache.
 os.environ.setdefault("FASTSSL_CACHE", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache", "tests"))

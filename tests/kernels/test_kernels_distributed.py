@@ -7,7 +7,7 @@ of them with the single-process computation on the whole batch.
 import pytest
 import torch
 import torch.nn.functional as F
-from dist_harness import run_on_ranks
+from rank_harness import run_ranks
 
 from kernels import collectives
 from kernels.kmeans import sample_initial_centroids, spherical_kmeans
@@ -82,7 +82,7 @@ def _on_each_rank(rank, world_size):
 
 @pytest.fixture(scope="module")
 def ranks():
-    return run_on_ranks(_on_each_rank, world_size=WORLD_SIZE, timeout_s=60)
+    return run_ranks(_on_each_rank, world_size=WORLD_SIZE, timeout_s=60)
 
 
 def cat(ranks, key):

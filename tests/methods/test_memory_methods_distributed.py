@@ -1,7 +1,4 @@
 """NPID and DeepClusterV2 on 2 gloo ranks: the 2-rank results equal one process on the global batch."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,10 +7,8 @@ import fastssl.methods.npid as npid_module
 from fastssl.methods.deepclusterv2 import DeepClusterV2
 from fastssl.methods.npid import NPID
 from loaders.batch import Batch
+from rank_harness import run_ranks
 
-_spec = importlib.util.spec_from_file_location("dist_harness", Path(__file__).parents[1] / "kernels" / "dist_harness.py")
-dist_harness = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(dist_harness)
 
 WORLD_SIZE, N, D, K, B = 2, 30, 8, 6, 5
 
@@ -67,7 +62,7 @@ def on_each_rank(rank, world_size):
 
 @pytest.fixture(scope="module")
 def ranks():
-    return dist_harness.run_on_ranks(on_each_rank, world_size=WORLD_SIZE)
+    return run_ranks(on_each_rank, world_size=WORLD_SIZE)
 
 
 def test_npid_bank_starts_and_stays_equal_and_matches_one_process(ranks, monkeypatch):
