@@ -82,6 +82,16 @@ def data_source(cfg: DictConfig) -> tuple[str, str | None]:
     return source, (paths[0] if paths and source != "synthetic" else None)
 
 
+def backend_options(cfg: DictConfig) -> dict:
+    """DATA.TRAIN.DALI / FFCV as keyword arguments of the chosen loader backend."""
+    train_cfg = cfg.DATA.TRAIN
+    if train_cfg.LOADER == "dali":
+        return {key.lower(): value for key, value in OmegaConf.to_container(train_cfg.DALI).items()}
+    if train_cfg.LOADER == "ffcv":
+        return {key.lower(): value for key, value in OmegaConf.to_container(train_cfg.FFCV).items()}
+    return {}
+
+
 def derive(cfg: DictConfig, *, world_size: int, num_samples: int, iterations_per_epoch: int) -> dict:
     """Every value computed from the config and the run, in one place (logged once)."""
     train_cfg, optim_cfg = cfg.DATA.TRAIN, cfg.OPTIMIZER
@@ -196,7 +206,8 @@ def _train_run(cfg: DictConfig, *, info: dist.DistInfo, device: torch.device, st
         world_size=info.world_size, device=device, dtype=autocast_dtype or torch.float32,
         channels_last=cfg.MODEL.CHANNELS_LAST,
         synthetic_params={"root": synthetic.ROOT or None, "image_size": synthetic.IMAGE_SIZE,
-                          "train_per_class": synthetic.TRAIN_PER_CLASS, "val_per_class": synthetic.VAL_PER_CLASS})
+                          "train_per_class": synthetic.TRAIN_PER_CLASS, "val_per_class": synthetic.VAL_PER_CLASS},
+        backend_options=backend_options(cfg))
     if len(loader) == 0:
         raise ConfigError(f"{loader.num_samples} training samples make no full batch of "
                           f"{train_cfg.BATCHSIZE_PER_REPLICA} per replica x {info.world_size}")

@@ -20,7 +20,7 @@ from loaders.synthetic import ensure_synthetic_dataset
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("synthetic", "disk_folder")
+SOURCES = ("synthetic", "disk_folder", "ffcv")  # ffcv: a .beton, read by the ffcv backend only
 BACKENDS = ("torchvision", "dali", "ffcv")
 # The built-in dataset is a fixed benchmark: its content does not follow the training seed.
 _SYNTHETIC_SEED = 0
@@ -146,12 +146,23 @@ def build_train_loader(
     dtype: torch.dtype,
     channels_last: bool = True,
     synthetic_params: dict[str, Any] | None = None,
+    backend_options: dict[str, Any] | None = None,
 ) -> TrainLoader:
-    """The multi-crop training loader for one rank (see TrainLoader and EpochBatchSampler)."""
-    if backend != "torchvision":
-        if backend in BACKENDS:
-            raise ValueError(f"loader backend {backend!r} is not installed/built in this fastssl; use 'torchvision'")
+    """The multi-crop training loader for one rank (see TrainLoader and EpochBatchSampler).
+
+    backend_options: keyword arguments of the dali / ffcv builder (memory pools, prefetch, order).
+    """
+    if backend not in BACKENDS:
         raise ValueError(f"unknown loader backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend in ("dali", "ffcv"):
+        from loaders import dali, ffcv  # each imports its library only when a loader is built
+        build = dali.build_dali_loader if backend == "dali" else ffcv.build_ffcv_loader
+        return build(source=source, data_path=data_path, backend=backend, recipe=recipe, batch_size=batch_size,
+                     num_workers=num_workers, drop_last=drop_last, data_limit=data_limit, seed=seed, rank=rank,
+                     world_size=world_size, device=device, dtype=dtype, channels_last=channels_last,
+                     synthetic_params=synthetic_params, **(backend_options or {}))
+    if source == "ffcv":
+        raise ValueError("DATA_SOURCES [ffcv] (a .beton) needs DATA.TRAIN.LOADER=ffcv")
     folder = resolve_image_folder(source=source, data_path=data_path, split="train", synthetic_params=synthetic_params)
     dataset = MultiCropFolder(folder, recipe=recipe, seed=seed, data_limit=data_limit)
     sampler = EpochBatchSampler(

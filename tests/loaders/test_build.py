@@ -142,7 +142,9 @@ def test_missing_empty_folder_and_unknown_backend(tmp_path, small_recipe):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no image files"):
         _train_loader(tmp_path / "empty", small_recipe, source="disk_folder")
-    with pytest.raises(ValueError, match="'dali' is not installed"):
-        _train_loader(tmp_path, small_recipe, backend="dali")
+    with pytest.raises(ValueError, match="unknown loader backend 'nvjpeg'"):
+        _train_loader(tmp_path, small_recipe, backend="nvjpeg")
+    with pytest.raises(ValueError, match="needs DATA.TRAIN.LOADER=ffcv"):
+        _train_loader(tmp_path, small_recipe, source="ffcv")
     with pytest.raises(ValueError, match="unknown data source"):
         _train_loader(tmp_path, small_recipe, source="imagenet")

@@ -1,0 +1,283 @@
+"""The FFCV backend: a .beton (written by `fastssl-convert`) -> multi-crop Batches.
+
+Decode once, crop many: `PaddedRGBDecoder` decodes every image ONCE at its stored size
+(libjpeg-turbo for JPEG records, a copy for raw ones) into the top left of a fixed
+(max_height, max_width, 3) buffer, in FFCV's numba-compiled, multi-threaded pipeline. The
+batch then goes to the training device (ToDevice, only where the device is CUDA) and all the
+crops are cut from it at once by loaders.augment.DeviceMultiCrop, so a sample costs one
+decode, not one per crop, and the augmentation is the same code as every other backend's.
+
+Order: 'random' is the reference loader's order (loaders.folder.EpochBatchSampler: one
+permutation per epoch from (seed, epoch), dealt out round-robin over the ranks), so with the
+same seed every backend visits the samples in the same order. No torch.distributed is needed:
+FFCV 1.0.2's own distributed=True builds torch's DistributedSampler without num_replicas/rank,
+which needs an initialised process group. 'quasi_random' is FFCV's page-local order
+(reads far less at random from disk when os_cache=False); FFCV 1.0.2 supports it on one
+rank only. os_cache=True memory-maps the file and leaves caching to the OS page cache (best
+when the dataset fits in RAM); False reads pages itself.
+
+A backend-specific argument's default lives in build_ffcv_loader's signature: order='random',
+os_cache=True, batches_ahead=3 (batches FFCV prepares ahead; each holds a padded buffer of
+batch_size * max_height * max_width * 3 bytes, so keep max_resolution moderate).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from loaders.augment import DeviceMultiCrop
+from loaders.batch import Batch
+from loaders.folder import EpochBatchSampler
+from loaders.recipe import MultiCropRecipe
+
+try:
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
+    from ffcv.libffcv import imdecode, memcpy
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    from ffcv.pipeline.compiler import Compiler
+    from ffcv.reader import Reader
+    from ffcv.transforms import ToDevice, ToTensor
+except ImportError:  # the backend is optional: build_ffcv_loader says how to install it
+    SimpleRGBImageDecoder = object
+    FFCV_IMPORT_ERROR = "the FFCV backend needs `pip install fastssl[ffcv]` (ffcv==1.0.2, numba, opencv)"
+else:
+    FFCV_IMPORT_ERROR = None
+
+
+class PaddedRGBDecoder(SimpleRGBImageDecoder):
+    """Decode each RGBImageField record once, at its stored size, into a padded buffer.
+
+    Output per batch: (B, max_height, max_width, 3) uint8, image i in [:h_i, :w_i]; the row
+    below and the column right of it repeat its last row/column, so bilinear sampling at the
+    crop border never reads a neighbour's stale pixels. (A subclass of FFCV's decoder for
+    RGBImageField because FFCV recognises a pipeline's decoder by that type.)
+    """
+
+    def declare_state_and_memory(self, previous_state):
+        self.max_height = int(self.metadata["height"].max())
+        self.max_width = int(self.metadata["width"].max())
+        shape = (self.max_height, self.max_width, 3)
+        scratch = (self.max_height * self.max_width * 3,)
+        return (
+            replace(previous_state, jit_mode=True, shape=shape, dtype=np.dtype("<u1")),
+            (AllocationQuery(shape, np.dtype("<u1")), AllocationQuery(scratch, np.dtype("<u1"))),
+        )
+
+    def generate_code(self):
+        memory_read = self.memory_read
+        imdecode_compiled = Compiler.compile(imdecode)
+        memcpy_compiled = Compiler.compile(memcpy)
+        sample_range = Compiler.get_iterator()
+        jpeg_mode = IMAGE_MODES["jpg"]
+
+        def decode(batch_indices, storage, metadata, storage_state):
+            destination, scratch = storage
+            for row in sample_range(len(batch_indices)):
+                field = metadata[batch_indices[row]]
+                data = memory_read(field["data_ptr"], storage_state)
+                height, width = np.uint32(field["height"]), np.uint32(field["width"])
+                flat = scratch[row][: 3 * height * width]
+                if field["mode"] == jpeg_mode:
+                    imdecode_compiled(data, flat, height, width, height, width, 0, 0, 1, 1, False, False)
+                else:
+                    memcpy_compiled(data, flat)
+                image = flat.reshape(height, width, 3)
+                out = destination[row]
+                out[:height, :width] = image
+                if height < out.shape[0]:
+                    out[height, :width] = image[height - 1]
+                if width < out.shape[1]:
+                    out[: min(height + 1, out.shape[0]), width] = out[: min(height + 1, out.shape[0]), width - 1]
+            return destination[: len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+@dataclass(frozen=True)
+class BetonTable:
+    """Per-record metadata of a fastssl .beton, read without decoding: (N,) int64 each."""
+
+    labels: np.ndarray
+    indices: np.ndarray
+    heights: np.ndarray
+    widths: np.ndarray
+
+
+def read_beton_table(path: str | os.PathLike) -> BetonTable:
+    """The label, dataset index and stored size of every record of `path`."""
+    _require_ffcv()
+    reader = Reader(str(path))
+    missing = {"image", "label", "index"} - set(reader.field_names)
+    if missing:
+        raise ValueError(f"{path}: fields {sorted(missing)} missing; write it with fastssl-convert")
+    column = {name: f"f{i}" for i, name in enumerate(reader.field_names)}
+    image = reader.metadata[column["image"]]
+    return BetonTable(
+        labels=reader.metadata[column["label"]].astype(np.int64),
+        indices=reader.metadata[column["index"]].astype(np.int64),
+        heights=image["height"].astype(np.int64),
+        widths=image["width"].astype(np.int64),
+    )
+
+
+def decode_all_images(path: str | os.PathLike, *, num_workers: int) -> int:
+    """Decode every image of `path` in order; return how many decoded (a full read-back check)."""
+    _require_ffcv()
+    loader = Loader(
+        str(path), batch_size=64, num_workers=num_workers, order=OrderOption.SEQUENTIAL, drop_last=False,
+        pipelines={"image": [PaddedRGBDecoder(), ToTensor()], "label": None, "index": None},
+    )
+    return sum(images.shape[0] for (images,) in loader)
+
+
+class _EpochTraversal:
+    """Stands in for FFCV's TraversalOrder: this rank's order of an epoch, from `start_batch` on."""
+
+    def __init__(self, order_of_epoch, *, batch_size: int):
+        self.order_of_epoch = order_of_epoch
+        self.batch_size = batch_size
+        self.start_batch = 0
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        return self.order_of_epoch(epoch)[self.start_batch * self.batch_size :]
+
+
+class FFCVTrainLoader:
+    """Iterates Batches of one rank; set_epoch(epoch, start_batch) before each epoch."""
+
+    def __init__(self, *, loader, traversal: _EpochTraversal, multicrop: DeviceMultiCrop, sizes: torch.Tensor,
+                 num_samples: int, num_batches: int, has_labels: bool, seed: int, rank: int, device: torch.device,
+                 channels_last: bool):
+        self.loader = loader
+        self.traversal = traversal
+        self.multicrop = multicrop
+        self.sizes = sizes  # (max dataset index + 1, 2) int64 (height, width) on the device
+        self.num_samples = num_samples
+        self.num_batches = num_batches
+        self.has_labels = has_labels
+        self.seed, self.rank, self.device = seed, rank, device
+        self.channels_last = channels_last
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch = epoch
+        self.loader.next_epoch = epoch
+        self.traversal.start_batch = start_batch
+
+    def __iter__(self):
+        generator = torch.Generator(device=self.device)
+        for batch_number, (images, labels, indices) in enumerate(self.loader, start=self.traversal.start_batch):
+            # One seed per (seed, rank, epoch, batch): a resumed epoch draws the same crops.
+            generator.manual_seed(_mix_seed(self.seed, self.rank, self.epoch, batch_number))
+            # FFCV reuses its batch buffers: keep copies of what outlives this step.
+            indices, labels = indices.view(-1).clone(), labels.view(-1).clone()
+            crops = self.multicrop(images.permute(0, 3, 1, 2), self.sizes[indices], generator=generator)
+            if not self.channels_last:
+                crops = [crop.contiguous() for crop in crops]
+            yield Batch(crops=crops, indices=indices, labels=labels if self.has_labels else None)
+        self.epoch += 1
+        self.loader.next_epoch = self.epoch
+        self.traversal.start_batch = 0
+
+
+def build_ffcv_loader(
+    *, source: str, data_path: str | None, backend: str, recipe: MultiCropRecipe, batch_size: int, num_workers: int,
+    drop_last: bool, data_limit: int, seed: int, rank: int, world_size: int, device: torch.device | str,
+    dtype: torch.dtype, channels_last: bool = True, synthetic_params: dict | None = None,
+    order: str = "random", os_cache: bool = True, batches_ahead: int = 3, max_resolution: int = 512,
+) -> FFCVTrainLoader:
+    """The FFCV training loader of one rank.
+
+    source 'ffcv': data_path is a .beton from fastssl-convert. 'disk_folder' / 'synthetic': the
+    folder is converted once (max_resolution, JPEG quality 90, proportion 0.5) to a cached
+    .beton under $FASTSSL_CACHE/ffcv, keyed by the folder and its file list.
+    """
+    _require_ffcv()
+    if order not in ("random", "quasi_random"):
+        raise ValueError(f"ffcv order {order!r}: use 'random' or 'quasi_random'")
+    if order == "quasi_random" and (world_size > 1 or os_cache):
+        raise ValueError("ffcv order 'quasi_random' needs world_size 1 and os_cache False (FFCV 1.0.2)")
+    device = torch.device(device)
+    beton = _beton_for(source=source, data_path=data_path, synthetic_params=synthetic_params,
+                       max_resolution=max_resolution, num_workers=num_workers)
+    table = read_beton_table(beton)
+    # DATA_LIMIT keeps the first data_limit files of the listing, as the reference loader does.
+    records = np.arange(len(table.labels)) if data_limit <= 0 else np.flatnonzero(table.indices < data_limit)
+    sampler = EpochBatchSampler(len(records), batch_size=batch_size, drop_last=drop_last, shuffle=True,
+                                seed=seed, rank=rank, world_size=world_size)
+
+    to_device = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
+    loader = Loader(
+        str(beton), batch_size=batch_size, num_workers=num_workers, os_cache=os_cache, drop_last=False,
+        order=OrderOption.QUASI_RANDOM if order == "quasi_random" else OrderOption.SEQUENTIAL,
+        indices=records, seed=seed, batches_ahead=batches_ahead,
+        pipelines={
+            "image": [PaddedRGBDecoder(), ToTensor(), *to_device],
+            "label": [IntDecoder(), ToTensor(), *to_device],
+            "index": [IntDecoder(), ToTensor(), *to_device],
+        },
+    )
+    if order == "quasi_random":
+        quasi_random = loader.traversal_order.sample_order
+
+        def order_of_epoch(epoch: int) -> np.ndarray:
+            records_of_epoch = quasi_random(epoch)
+            return records_of_epoch[: len(sampler) * batch_size] if drop_last else records_of_epoch
+    else:
+        def order_of_epoch(epoch: int) -> np.ndarray:
+            sampler.set_epoch(epoch)
+            return records[sampler.rank_indices()]
+    traversal = _EpochTraversal(order_of_epoch, batch_size=batch_size)
+    # FFCV asks its traversal order for each epoch's sample order; ours also knows the rank.
+    loader.traversal_order = traversal
+    loader.first_traversal_order = order_of_epoch(0)
+
+    sizes = torch.zeros(int(table.indices.max()) + 1, 2, dtype=torch.int64)
+    sizes[torch.from_numpy(table.indices)] = torch.from_numpy(np.stack([table.heights, table.widths], axis=1))
+    return FFCVTrainLoader(
+        loader=loader, traversal=traversal, multicrop=DeviceMultiCrop(recipe, dtype=dtype, device=device),
+        sizes=sizes.to(device), num_samples=len(records), num_batches=len(sampler),
+        has_labels=bool(table.labels.min() >= 0),
+        seed=seed, rank=rank, device=device, channels_last=channels_last,
+    )
+
+
+def _beton_for(*, source: str, data_path: str | None, synthetic_params: dict | None, max_resolution: int,
+               num_workers: int) -> Path:
+    """The .beton to read: data_path itself, or the cached conversion of an image folder."""
+    if source == "ffcv":
+        if not data_path or not Path(data_path).is_file():
+            raise FileNotFoundError(f"ffcv source: no .beton at {data_path!r}")
+        return Path(data_path)
+    from loaders.build import resolve_image_folder
+    from loaders.convert import convert_image_folder, list_samples
+
+    folder = resolve_image_folder(source=source, data_path=data_path, split="train", synthetic_params=synthetic_params)
+    listing = list_samples(folder, data_limit=-1)
+    key = hashlib.sha256("\n".join([str(max_resolution), *listing.paths]).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("FASTSSL_CACHE") or Path.home() / ".cache" / "fastssl") / "ffcv"
+    beton = cache / f"{Path(folder).name}-{key}.beton"
+    if not beton.exists():
+        convert_image_folder(folder, beton, max_resolution=max_resolution, write_mode="proportion", jpeg_quality=90,
+                             compress_probability=0.5, num_workers=num_workers, progress=False)
+    return beton
+
+
+def _mix_seed(*values: int) -> int:
+    return int(np.random.SeedSequence([v & 0xFFFFFFFF for v in values]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _require_ffcv() -> None:
+    if FFCV_IMPORT_ERROR is not None:
+        raise ImportError(FFCV_IMPORT_ERROR)
