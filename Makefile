@@ -8,6 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.fastssl-installed
 SYSTEM_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev
 # torch and torchvision come first and pinned: on the reference machines they are on local disk.
+# DALI and FFCV are installed too (FFCV builds from source against the system packages above).
 TORCH := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: setup system-packages demo test test-all bench clean
@@ -25,7 +26,7 @@ $(STAMP): pyproject.toml | system-packages
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,dali,ffcv]"
 	touch $(STAMP)
 
 demo: $(STAMP)
