@@ -244,6 +244,7 @@ def _train_run(cfg: DictConfig, *, info: dist.DistInfo, device: torch.device, st
                        drop_last=train_cfg.DROP_LAST, process_group=dist.global_group())
     method = METHODS[cfg.LOSS.name].from_config(loss_params, run_info).to(device)
     method.bind(model)
+    notice(f"method {cfg.LOSS.name}: {method.describe()}")
     optim_cfg = cfg.OPTIMIZER
     optimizer = build_optimizer(model, name=optim_cfg.name, momentum=optim_cfg.momentum,
                                 nesterov=optim_cfg.nesterov, weight_decay=optim_cfg.weight_decay,

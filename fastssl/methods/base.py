@@ -54,6 +54,14 @@ class Method(nn.Module):
     def after_step(self, *, step: int, model: nn.Module) -> None:
         """After the optimizer step (normalise prototypes, update EMA targets)."""
 
+    def describe(self) -> dict:
+        """The method's settings (inferred ones included) and its state's shapes, for the start-up log."""
+        simple = (bool, int, float, str)
+        settings = {k: v for k, v in vars(self).items() if not k.startswith("_") and (
+            isinstance(v, simple) or (isinstance(v, list) and all(isinstance(x, simple) for x in v)))}
+        settings.pop("training", None)
+        return {**settings, **{f"{name}.shape": tuple(buffer.shape) for name, buffer in self.named_buffers()}}
+
     def debug_tensors(self) -> dict:
         """Tensors worth saving when the loss goes non-finite (scores, assignments)."""
         return {}
