@@ -49,7 +49,9 @@ def assert_tensors_agree(a: torch.Tensor, b: torch.Tensor, name) -> None:
 def test_launcher_two_ranks_with_sync_bn_equal_one_process_on_the_global_batch(tmp_path, monkeypatch):
     # One step (8 samples, global batch 8). Plain SGD: LARC would rescale the numerically-zero
     # gradient of the Linear bias that feeds a BatchNorm into a unit-size step of pure rounding.
-    one_step = ["config.DATA.TRAIN.DATA_LIMIT=8", "config.OPTIMIZER.num_epochs=1", "config.OPTIMIZER.use_larc=False"]
+    # No queue: per-rank queues of random initial embeddings are, by design, not one process's queue.
+    one_step = ["config.DATA.TRAIN.DATA_LIMIT=8", "config.OPTIMIZER.num_epochs=1", "config.OPTIMIZER.use_larc=False",
+                "config.LOSS.swav_loss.queue.queue_length=0"]
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert main(TWO_RANKS + one_step + [f"config.CHECKPOINT.DIR={tmp_path / 'two'}"]) == 0
     assert main(TINY + one_step + ["config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=8",
