@@ -334,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"fastssl-train: error: {error}", 2)
     except NonFiniteLossError as error:
         return fail(f"fastssl-train: error: {error}", 3)
-    except (FileNotFoundError, ValueError) as error:  # bad data paths, bad transform or head lists
+    except (FileNotFoundError, ValueError, ImportError) as error:  # bad paths, lists, a backend not installed
+        if os.environ.get("FASTSSL_DEBUG"):  # the traceback, for a bug rather than bad input
+            raise
         return fail(f"fastssl-train: error: {error}", 2)
     except KeyboardInterrupt:
         print("fastssl-train: interrupted; the last checkpoint is intact", file=sys.stderr)
