@@ -99,7 +99,7 @@ def _knn_command(args) -> int:
     def trunk_builder():
         return build_model(trunk_name=trunk_cfg["NAME"], resnet=trunk_cfg["RESNETS"],
                            regnet={k: v for k, v in trunk_cfg["REGNET"].items() if v is not None}, alexnet=None,
-                           head_params=cfg["MODEL"]["HEAD"]["PARAMS"], channels_last=cfg["MODEL"]["CHANNELS_LAST"])
+                           head_params=saved["head_params"], channels_last=cfg["MODEL"]["CHANNELS_LAST"])
 
     sources = data_cfg["DATA_SOURCES"] or ["synthetic"]
     source = sources[0] if data_cfg["DATA_PATHS"] else "synthetic"

@@ -290,7 +290,8 @@ def _train_run(cfg: DictConfig, *, info: dist.DistInfo, device: torch.device, st
         checkpoint_dir=checkpoint_dir, checkpoint_every_epochs=cfg.CHECKPOINT.CHECKPOINT_FREQUENCY,
         checkpoint_every_steps=cfg.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY, frozen_params=frozen, rank=info.rank,
         images_per_step=derived["global_batch_size"], stop_requested=stop,
-        extra_state={"config": OmegaConf.to_container(cfg), "derived_world_size": info.world_size})
+        extra_state={"config": OmegaConf.to_container(cfg), "derived_world_size": info.world_size,
+                     "head_params": head_params})  # as built: fitted to the trunk and the loss
     try:
         state = train(model=model, trained_model=trained_model, method=method, optimizer=optimizer, scaler=scaler,
                       loader=loader, state=state, settings=settings, logger=logger)

@@ -1,0 +1,39 @@
+import json
+
+import torch
+from torch import nn
+
+from fastssl.evaluate import knn_top1, main as eval_main, reestimate_batchnorm
+from fastssl.train import main as train_main
+from loaders.batch import Batch
+
+from test_train_cli import CPU
+
+
+def test_knn_top1_on_separable_and_on_mixed_features():
+    train = torch.eye(3).repeat(4, 1)  # 12 samples, class = position of the 1
+    labels = torch.arange(3).repeat(4)
+    assert knn_top1(train, labels, torch.eye(3), torch.arange(3), k=3, temperature=0.07) == 100.0
+    assert knn_top1(train, labels, torch.eye(3), torch.tensor([1, 2, 0]), k=3, temperature=0.07) == 0.0
+
+
+def test_reestimated_batchnorm_holds_the_mean_over_the_pass():
+    norm = nn.BatchNorm1d(2)
+    data = [torch.randn(5, 2) + 3, torch.randn(7, 2) - 1]
+    loader = [Batch(crops=[x], indices=torch.arange(len(x))) for x in data]
+    reestimate_batchnorm(nn.Sequential(norm), loader)
+    # Cumulative average of the per-batch means (what momentum=None computes).
+    expected = (data[0].mean(0) + data[1].mean(0)) / 2
+    assert torch.allclose(norm.running_mean, expected, atol=1e-6) and not norm.training
+
+
+def test_eval_cli_on_a_checkpoint_whose_head_was_fitted_to_the_trunk(tmp_path, capsys):
+    # dims[0]=999 does not match ResNet-18's 512: training fits it, evaluation must rebuild the same model.
+    head = 'config.MODEL.HEAD.PARAMS=[["swav_head", {"dims": [999, 32], "use_bn": True, "num_clusters": [10]}]]'
+    assert train_main(CPU + [f"config.CHECKPOINT.DIR={tmp_path}", "config.OPTIMIZER.num_epochs=1", head]) == 0
+    capsys.readouterr()
+    assert eval_main(["knn", "--checkpoint", str(tmp_path), "--baselines", "--workers", "0", "--k", "5"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["knn_top1"]
+    assert set(report) == {"trained", "random_bn_init", "random_bn_reestimated"}
+    assert all(0.0 <= value <= 100.0 for value in report.values())
+    assert eval_main(["knn", "--checkpoint", str(tmp_path / "missing")]) == 2
