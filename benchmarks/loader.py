@@ -9,7 +9,9 @@ pipeline per crop (RandomResizedCrop, flip, ColorJitter/RandomGrayscale, PIL's G
 ToTensor, Normalize). Every backend reads the same JPEGs with the same worker count, batch
 size and crop recipe, and is timed over the same number of batches after a warm-up, the crops
 landing on the training device in the training dtype. FFCV's one-off conversion to a .beton
-(JPEG records, so it also decodes JPEG) is not timed. Prints a table and one JSON line.
+(JPEG records, so it also decodes JPEG) is not timed. Prints a table and one JSON line, with
+each backend's CPU time per image by thread (and DataLoader worker process) and the cores it
+used: on a busy machine, CPU per image compares backends more steadily than images/s.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import platform
 import random
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -135,20 +138,52 @@ def available_backends() -> list[str]:
     return found
 
 
-def time_backend(batches, *, warmup: int, timed: int, batch_size: int, device: torch.device) -> float:
-    """Images per second over `timed` batches after `warmup` batches."""
+def time_backend(batches, *, warmup: int, timed: int, batch_size: int, device: torch.device
+                 ) -> tuple[float, dict[str, float]]:
+    """Images per second over `timed` batches after `warmup` batches, and this process's CPU
+    time per image over them by thread (see _thread_cpu_seconds) plus the cores it used."""
     for _ in range(warmup):
         next(batches)
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # sync: timing boundary
-    start = time.perf_counter()
+    cpu_before, start = _thread_cpu_seconds(), time.perf_counter()
     for _ in range(timed):
         crops = next(batches)
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # sync: timing boundary
     elapsed = time.perf_counter() - start
+    cpu = {kind: seconds - cpu_before.get(kind, 0.0) for kind, seconds in _thread_cpu_seconds().items()}
     assert crops[0].shape[0] == batch_size
-    return timed * batch_size / elapsed
+    images = timed * batch_size
+    breakdown = {f"{kind}_ms_per_image": round(1000 * seconds / images, 2) for kind, seconds in cpu.items()}
+    return images / elapsed, {**breakdown, "cores": round(sum(cpu.values()) / elapsed, 2)}
+
+
+def _thread_cpu_seconds() -> dict[str, float]:
+    """CPU seconds so far of this process's threads and its child processes (Linux /proc; {}
+    elsewhere), grouped as 'augment' (DeviceMultiCrop's CPU threads), 'main', 'other' (decoders'
+    and pipelines' threads) and 'workers' (child processes: the DataLoader workers)."""
+    names = {thread.native_id: thread.name for thread in threading.enumerate()}
+    seconds: dict[str, float] = {}
+
+    def add(kind: str, stat: Path) -> None:
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it ended meanwhile
+            return
+        seconds[kind] = seconds.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    for task in Path("/proc/self/task").glob("*"):
+        name = names.get(int(task.name), "")
+        add("augment" if name.startswith("multicrop") else "main" if name == "MainThread" else "other",
+            task / "stat")
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            children = []
+        for child in children:
+            add("workers", Path("/proc") / child / "stat")  # the whole process, all its threads
+    return seconds
 
 
 def _machine() -> dict:
@@ -205,23 +240,27 @@ def main(argv: list[str] | None = None) -> dict:
     backends = ["baseline"] + [b for b in requested if b in installed and b != "baseline"]
     skipped = [b for b in requested if b not in installed]
 
+    load_before = os.getloadavg()[0]  # other work on the machine skews every figure
     figures: dict[str, float] = {}
+    cpu: dict[str, dict[str, float]] = {}
     for backend in backends:
         kwargs = dict(data=data, recipe=recipe, batch_size=args.batch_size, num_workers=args.workers,
                       device=device, dtype=dtype)
         batches = (_baseline_batches(**kwargs) if backend == "baseline"
                    else _backend_batches(backend, scratch=scratch, **kwargs))
-        figures[backend] = time_backend(batches, warmup=args.warmup, timed=args.batches,
-                                        batch_size=args.batch_size, device=device)
+        figures[backend], cpu[backend] = time_backend(batches, warmup=args.warmup, timed=args.batches,
+                                                      batch_size=args.batch_size, device=device)
         batches.close()  # ends DataLoader workers / pipelines before the next backend runs
     ratios = {backend: value / figures["baseline"] for backend, value in figures.items()}
 
     crops = "+".join(f"{n}x{s}" for n, s in zip(recipe.num_crops, recipe.size_crops))
     print(f"\nloader throughput, {crops} crops, {args.workers} workers, batch {args.batch_size}, "
           f"{args.batches} timed batches, device {device}, {args.dtype}, data {data}")
-    print(f"{'backend':<12} {'images/s':>10} {'x baseline':>11}")
+    print(f"1-min load average before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f}")
+    print(f"{'backend':<12} {'images/s':>10} {'x baseline':>11}   CPU ms/image by thread or process; cores used")
     for backend in figures:
-        print(f"{backend:<12} {figures[backend]:>10.1f} {ratios[backend]:>11.2f}")
+        threads = ", ".join(f"{k.removesuffix('_ms_per_image')} {v}" for k, v in cpu[backend].items() if k != "cores")
+        print(f"{backend:<12} {figures[backend]:>10.1f} {ratios[backend]:>11.2f}   {threads}; {cpu[backend]['cores']}")
     if skipped:
         print(f"not installed: {', '.join(skipped)}")
     record = {
@@ -229,8 +268,10 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join(["python -m benchmarks.loader", *(sys.argv[1:] if argv is None else argv)]),
         "figures": {"images_per_s": {k: round(v, 2) for k, v in figures.items()},
                     "ratio_to_baseline": {k: round(v, 3) for k, v in ratios.items()},
+                    "process_cpu": cpu,
                     "crops": crops, "batch_size": args.batch_size, "workers": args.workers,
-                    "timed_batches": args.batches, "device": str(device), "dtype": args.dtype},
+                    "timed_batches": args.batches, "device": str(device), "dtype": args.dtype,
+                    "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]},
     }
     print(json.dumps(record))
     return record

@@ -1,16 +1,22 @@
 """The SSL augmentations as batched torch ops: the same code on the GPU and on the CPU.
 
-Every random parameter is drawn for the whole batch at once from a torch.Generator on the
-images' device, and each per-sample decision (flip or not, blur or not, the order of the
-colour ops) is a per-row tensor, so there is no host sync and no Python loop over samples on
-an accelerator. Work happens at crop resolution only: the padded full image is read once, by
-the crop itself. Output: normalised, in the training dtype, channels_last.
+Every random parameter of a batch is drawn first, for the whole batch at once, from a
+torch.Generator on the images' device (`_draw_group`); each per-sample decision (flip or not,
+blur or not, the order of the colour ops) is a per-row tensor, so there is no host sync and no
+Python loop over samples on an accelerator. The draws are then applied (`_apply`) to all the
+rows of a crop group at once on an accelerator, and on the CPU to chunks of rows spread over
+torch.get_num_threads() threads with one intra-op thread each: many mid-sized ops (one resize
+per crop) parallelise across rows far better than within an op, and a chunk's intermediates
+live in per-thread buffers that are reused, not page-faulted in afresh for every batch. The
+draws do not depend on the chunking or the thread count, so neither changes the output. Work
+happens at crop resolution only, and the result is written straight into each group's
+output buffer (on the CPU, a recent batch's once nothing references it): normalised, in the
+training dtype, channels_last.
 
 Crop and resize (torchvision's RandomResizedCrop, antialiased bilinear):
-  CPU: one F.interpolate per crop on the uint8 image, with host-side boxes, which on the CPU
-      are already host memory (no sync). This is torchvision's own resize kernel on uint8
-      tensors, so the crop equals TF.resized_crop(..., antialias=True) exactly, and it is
-      20x faster than roi_align's scalar CPU kernel.
+  CPU: one F.interpolate per crop on the uint8 image, with host-side boxes (no sync): torch's
+      uint8 resize kernel, so the crop equals TF.resized_crop(..., antialias=True), 20x faster
+      than roi_align's scalar CPU kernel.
   Accelerators: one roi_align per crop group (sampling_ratio=-1: ceil(box / output) bilinear
       samples per output pixel, a box filter that antialiases down-scaled crops).
 
@@ -31,6 +37,11 @@ luma); blur and solarize are exact (reflect-padded separable Gaussian; invert >=
 from __future__ import annotations
 
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +53,41 @@ from loaders.recipe import MultiCropRecipe, blur_kernel_size
 _CROP_ATTEMPTS = 10
 _LUMA = (0.299, 0.587, 0.114)
 SOLARIZE_THRESHOLD = 128 / 255
+# CPU: rows per chunk, so that a chunk's float32 pixels take about 6 MiB (fewer, larger ops
+# measured faster than 1.5-3 MiB chunks that fit the 2 MiB L2 cache better).
+_CHUNK_PIXELS = 1 << 19
+# CPU: output buffers kept per crop group for reuse; a training loop holds one or two batches.
+_SPARE_OUTPUTS = 3
+# Output rows (and columns) per banded-matrix block of the blur: ~4x fewer multiplies than the
+# full band matrix at 224 px, blocks still large enough for an efficient matmul.
+_BLUR_BLOCK = 32
+
+
+class ColorDraws(NamedTuple):
+    """The random part of the colour distortion of n images, one row each."""
+
+    factors: torch.Tensor  # (n, 3) brightness, contrast, saturation factors
+    hue: torch.Tensor  # (n,) hue shift in turns
+    order: torch.Tensor  # (n, 4) permutation of the four ops (0 brightness .. 3 hue)
+    jittered: torch.Tensor  # (n,) bool: the jitter applies
+    greyed: torch.Tensor  # (n,) bool: grayscale applies
+
+
+@dataclass(frozen=True)
+class _GroupDraws:
+    """Every random draw of one crop group's rows (n = count * batch); None: never applies."""
+
+    boxes: torch.Tensor  # (n, 4) (x0, y0, x1, y1)
+    flip: torch.Tensor  # (n,) bool
+    color_matrix: torch.Tensor | None  # (n, 3, 3) colour distortion of [0, 255] pixels ...
+    color_pivot: torch.Tensor | None  # (n, 3, 3) ... plus this times the mean pixel (color_transform)
+    blur: torch.Tensor | None  # (n,) bool
+    sigma: torch.Tensor | None  # (n,) blur sigma
+    solarize: torch.Tensor | None  # (n,) bool
+
+    def rows(self, index: slice) -> _GroupDraws:
+        return _GroupDraws(*(None if draw is None else draw[index] for draw in (
+            self.boxes, self.flip, self.color_matrix, self.color_pivot, self.blur, self.sigma, self.solarize)))
 
 
 class DeviceMultiCrop:
@@ -51,13 +97,17 @@ class DeviceMultiCrop:
         self.recipe = recipe
         self.dtype = dtype
         self.device = torch.device(device)
-        # Normalisation as one multiply-add: (x - mean) / std = x * scale + shift.
-        mean = torch.tensor(recipe.mean, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(recipe.std, device=self.device).view(1, 3, 1, 1)
+        # Normalisation of (..., 3) pixels as one multiply-add: (x - mean) / std = x * scale + shift.
+        mean = torch.tensor(recipe.mean, device=self.device)
+        std = torch.tensor(recipe.std, device=self.device)
         self.scale, self.shift = 1 / std, -mean / std
         # Per-crop probabilities made once on the device: no host-to-device copy per batch.
         self.blur_p = torch.tensor(recipe.blur_p, device=self.device)
         self.solarize_p = torch.tensor(recipe.solarize_p, device=self.device)
+        self._pool: ThreadPoolExecutor | None = None  # the CPU path's threads, made on first use
+        self._pool_threads = 0
+        self._outputs: dict[int, list[tuple[torch.Tensor, int]]] = {}  # CPU: group -> [(buffer, idle use count)]
+        self._buffers = threading.local()
 
     def __call__(self, images: torch.Tensor, sizes: torch.Tensor, *, generator: torch.Generator) -> list[torch.Tensor]:
         """images: (B, 3, H, W) uint8, each image at the top left, padded to a common H, W
@@ -68,91 +118,162 @@ class DeviceMultiCrop:
         channels_last. On accelerators, bilinear sampling may read up to half a pixel of padding
         at the bottom and right edges of an up-scaled crop: pad by edge replication there.
         """
-        if images.device.type != "cpu":
-            return self._multicrop(images, sizes, generator=generator)
-        # On the CPU, one intra-op thread: the work is many small ops (one resize per crop), and a
-        # loader's decode threads use the other cores. On a loaded 2-core machine this is 1.6x
-        # faster than two threads alone, more next to decoding.
+        recipe, batch = self.recipe, images.shape[0]
+        # One (count * B, s, s, 3) buffer per group: row k*B + i is crop k of image i.
+        shapes = [(count * batch, size, size, 3) for size, count in zip(recipe.size_crops, recipe.num_crops)]
+        if images.device.type == "cpu":
+            outputs = [self._idle_output(group, shape) for group, shape in enumerate(shapes)]
+            self._apply_on_threads(images, sizes, outputs, generator=generator)
+        else:
+            outputs = [torch.empty(shape, dtype=self.dtype, device=images.device) for shape in shapes]
+            for group, out in enumerate(outputs):
+                self._apply(images, self._draw_group(sizes, group, generator=generator), first_row=0, out=out,
+                            scratch=partial(_new_buffer, device=images.device))
+        crops: list[torch.Tensor] = []
+        for out, count in zip(outputs, recipe.num_crops):
+            crops.extend(out.permute(0, 3, 1, 2).chunk(count))  # channels_last views, no copy
+        return crops
+
+    def _draw_group(self, sizes: torch.Tensor, group: int, *, generator: torch.Generator) -> _GroupDraws:
+        recipe = self.recipe
+        count, batch = recipe.num_crops[group], sizes.shape[0]
+        first_crop = sum(recipe.num_crops[:group])
+        crop_slice = slice(first_crop, first_crop + count)
+        rows = count * batch
+        boxes = sample_crop_boxes(sizes.repeat(count, 1), scale=recipe.crop_scales[group], ratio=recipe.crop_ratio,
+                                  generator=generator)
+        flip = _draw(rows, recipe.flip_p, generator)
+        color_matrix = color_pivot = None
+        if recipe.color_strength is not None:
+            jitter = draw_color_jitter(rows, strength=recipe.color_strength, color_p=recipe.color_p,
+                                       gray_p=recipe.gray_p, generator=generator)
+            matrix, pivot = color_transform(jitter)
+            # The 1/255 of [0, 255] -> [0, 1] rides on the colour map: one pass for both.
+            color_matrix, color_pivot = matrix / 255, pivot / 255
+        blur = sigma = solarize = None
+        if max(recipe.blur_p[crop_slice]) > 0:  # the recipe's Python floats: no sync
+            low, high = recipe.blur_sigma
+            sigma = low + (high - low) * torch.rand(rows, generator=generator, device=sizes.device)
+            blur = _draw_per_crop(self.blur_p[crop_slice], batch, generator)
+        if max(recipe.solarize_p[crop_slice]) > 0:
+            solarize = _draw_per_crop(self.solarize_p[crop_slice], batch, generator)
+        return _GroupDraws(boxes=boxes, flip=flip, color_matrix=color_matrix, color_pivot=color_pivot, blur=blur,
+                           sigma=sigma, solarize=solarize)
+
+    def _apply_on_threads(self, images: torch.Tensor, sizes: torch.Tensor, outputs: list[torch.Tensor], *,
+                          generator: torch.Generator) -> None:
+        """The CPU path: all the draws first, then the groups' rows in chunks, over
+        torch.get_num_threads() threads with one intra-op thread each."""
         threads = torch.get_num_threads()
+
+        def apply_chunk(chunk) -> None:
+            draw, out, start, stop = chunk
+            # A pool thread takes the intra-op thread count on its first op; set it explicitly.
+            torch.set_num_threads(1)
+            self._apply(images, draw.rows(slice(start, stop)), first_row=start, out=out[start:stop],
+                        scratch=self._thread_buffer)
+
+        # One intra-op thread for the draws too: their ops are tiny, and waking (and spinning on)
+        # a second OpenMP/MKL thread for each costs milliseconds per op on a busy machine.
         torch.set_num_threads(1)
         try:
-            return self._multicrop(images, sizes, generator=generator)
+            chunks = []
+            for group, out in enumerate(outputs):
+                draw = self._draw_group(sizes, group, generator=generator)
+                rows, size = out.shape[0], out.shape[1]
+                step = max(1, _CHUNK_PIXELS // (size * size))
+                chunks += [(draw, out, start, min(rows, start + step)) for start in range(0, rows, step)]
+            if self._pool is None or self._pool_threads != threads:
+                self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="multicrop")
+                self._pool_threads = threads
+            list(self._pool.map(apply_chunk, chunks))  # re-raises a chunk's exception here
         finally:
             torch.set_num_threads(threads)
 
-    def _multicrop(self, images: torch.Tensor, sizes: torch.Tensor, *, generator: torch.Generator
-                   ) -> list[torch.Tensor]:
-        recipe = self.recipe
-        batch = images.shape[0]
-        crops: list[torch.Tensor] = []
-        first_crop = 0
-        for group, (size, count) in enumerate(zip(recipe.size_crops, recipe.num_crops)):
-            # All crops of a group at once: rows k*B .. (k+1)*B - 1 are crop first_crop + k.
-            rows = count * batch
-            boxes = sample_crop_boxes(
-                sizes.repeat(count, 1), scale=recipe.crop_scales[group], ratio=recipe.crop_ratio, generator=generator
-            )
-            flip = _draw(rows, recipe.flip_p, generator)
-            x = crop_resize(images, boxes, flip=flip, size=size)  # (rows, 3, s, s) in [0, 255], channels_last
-            x = self._augment(x, crop_slice=slice(first_crop, first_crop + count), size=size, generator=generator)
-            x = torch.addcmul(self.shift, x, self.scale, out=x).to(self.dtype)  # in place, channels_last
-            crops.extend(x.chunk(count))
-            first_crop += count
-        return crops
+    def _idle_output(self, group: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """A CPU output buffer for a crop group: one of the last _SPARE_OUTPUTS batches' once
+        nothing references it any more (its crops and every view of them are gone), else a new
+        one. A fresh buffer's pages are faulted in (and zeroed by the kernel) on first write:
+        ~1 ms per image for 2x224 + 6x96 float32 crops, an eighth of the work."""
+        if not hasattr(torch._C, "_storage_Use_Count"):  # a torch without the private call: never reuse
+            return torch.empty(shape, dtype=self.dtype)
+        spares = self._outputs.setdefault(group, [])
+        for buffer, idle_uses in spares:
+            if buffer.shape == shape and buffer.dtype == self.dtype and _storage_uses(buffer) == idle_uses:
+                return buffer
+        buffer = torch.empty(shape, dtype=self.dtype)
+        spares.append((buffer, _storage_uses(buffer)))
+        del spares[:-_SPARE_OUTPUTS]
+        return buffer
 
-    def _augment(self, x: torch.Tensor, *, crop_slice: slice, size: int, generator: torch.Generator) -> torch.Tensor:
-        """Colour distortion, blur and solarize of (n, 3, s, s) channels_last crops in [0, 255]
-        -> (n, 3, s, s) channels_last float32 in [0, 1]."""
-        recipe = self.recipe
-        rows = x.shape[0]
-        batch = rows // (crop_slice.stop - crop_slice.start)
-        pixels = x.permute(0, 2, 3, 1).reshape(rows, size * size, 3).float()  # (n, P, 3): a view before .float()
-        if recipe.color_strength is None:
-            matrix = torch.eye(3, device=x.device).expand(rows, 3, 3)
-            offset = torch.zeros(rows, 3, device=x.device)
+    def _thread_buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A CPU buffer of this thread's, reused from chunk to chunk and batch to batch: a freed
+        multi-MiB allocation goes back to the OS, and the next one is page-faulted in afresh."""
+        buffers = self._buffers.__dict__
+        numel = math.prod(shape)
+        if name not in buffers or buffers[name].numel() < numel or buffers[name].dtype != dtype:
+            buffers[name] = torch.empty(numel, dtype=dtype)
+        return buffers[name][:numel].view(shape)
+
+    def _apply(self, images: torch.Tensor, draw: _GroupDraws, *, first_row: int, out: torch.Tensor,
+               scratch) -> None:
+        """Crop, colour, blur, solarize and normalise rows first_row.. of a group into out (n, s, s, 3).
+        scratch(name, shape, dtype): a buffer for intermediate values."""
+        rows, size = out.shape[0], out.shape[1]
+        image_index = torch.arange(first_row, first_row + rows, device=images.device) % images.shape[0]
+        x = crop_resize(images, draw.boxes, image_index=image_index, flip=draw.flip, size=size)
+        pixels = x.permute(0, 2, 3, 1).reshape(rows, size * size, 3)  # (n, P, 3) in [0, 255]
+        if pixels.dtype != torch.float32:  # the CPU's uint8 crops
+            pixels = scratch("pixels", pixels.shape, torch.float32).copy_(pixels)
+        # The [0, 1] pixels go straight to the output buffer where it is float32, and are
+        # normalised there in place.
+        work = out.view(rows, -1, 3) if out.dtype == torch.float32 else scratch("work", pixels.shape, torch.float32)
+        if draw.color_matrix is None:
+            torch.div(pixels, 255, out=work)
         else:
-            matrix, offset = color_transform(pixels.mean(dim=1) / 255, strength=recipe.color_strength,
-                                             color_p=recipe.color_p, gray_p=recipe.gray_p, generator=generator)
-        # The 1/255 of [0, 255] -> [0, 1] rides on the colour matrix: one pass for both.
-        pixels = torch.bmm(pixels, matrix.transpose(1, 2) / 255).add_(offset[:, None, :]).clamp_(0, 1)
-        hwc = pixels.view(rows, size, size, 3)
-        if max(recipe.blur_p[crop_slice]) > 0:  # the recipe's Python floats: no sync
-            low, high = recipe.blur_sigma
-            sigma = low + (high - low) * torch.rand(rows, generator=generator, device=x.device)
-            blur = _draw_per_crop(self.blur_p[crop_slice], batch, generator).view(-1)
-            hwc = _blur_rows(hwc, blur=blur, sigma=sigma, kernel_size=blur_kernel_size(size))
-        if max(recipe.solarize_p[crop_slice]) > 0:
-            solarized = _draw_per_crop(self.solarize_p[crop_slice], batch, generator).view(rows, 1, 1, 1)
-            hwc = torch.where(solarized, solarize(hwc), hwc)
-        return hwc.permute(0, 3, 1, 2)
+            offset = torch.bmm(draw.color_pivot, _mean_pixel(pixels)[:, :, None])[..., 0]  # (n, 3)
+            apply_color(pixels, draw.color_matrix, offset, out=work).clamp_(0, 1)
+        hwc = work.view(rows, size, size, 3)
+        if draw.blur is not None:
+            hwc = _blur_rows(hwc, blur=draw.blur, sigma=draw.sigma, kernel_size=blur_kernel_size(size),
+                             scratch=scratch)
+        if draw.solarize is not None:
+            hwc = torch.where(draw.solarize.view(rows, 1, 1, 1), solarize(hwc), hwc)
+        # With the channels repeated 16 times, the innermost dimension is 48 wide, not 3: the
+        # multiply-add vectorises (4x faster on the CPU). It casts to out's dtype on the way.
+        lanes = 3 * math.gcd(size * size, 16)
+        torch.addcmul(self.shift.repeat(lanes // 3), hwc.reshape(-1, lanes), self.scale.repeat(lanes // 3),
+                      out=out.view(-1, lanes))
 
 
-def crop_resize(images: torch.Tensor, boxes: torch.Tensor, *, flip: torch.Tensor, size: int) -> torch.Tensor:
+def crop_resize(images: torch.Tensor, boxes: torch.Tensor, *, image_index: torch.Tensor, flip: torch.Tensor,
+                size: int) -> torch.Tensor:
     """Cut boxes (n, 4) (x0, y0, x1, y1, integer valued) of images (B, 3, H, W) uint8, box r from
-    image r mod B, resize each to size x size and mirror the rows where flip (n, 1, 1, 1) bool.
+    image image_index[r] (n,), resize each to size x size and mirror the rows where flip (n,) bool.
     Returns (n, 3, size, size) channels_last, values in [0, 255] (uint8 on the CPU, float else)."""
     if images.device.type == "cpu":
-        return _crop_resize_host(images, boxes, flip=flip, size=size)
-    return _crop_resize_batched(images, boxes, flip=flip, size=size)
+        return _crop_resize_host(images, boxes, image_index=image_index, flip=flip, size=size)
+    return _crop_resize_batched(images, boxes, image_index=image_index, flip=flip, size=size)
 
 
-def _crop_resize_host(images: torch.Tensor, boxes: torch.Tensor, *, flip: torch.Tensor, size: int) -> torch.Tensor:
-    batch = images.shape[0]
+def _crop_resize_host(images: torch.Tensor, boxes: torch.Tensor, *, image_index: torch.Tensor, flip: torch.Tensor,
+                      size: int) -> torch.Tensor:
     out = torch.empty(boxes.shape[0], size, size, 3, dtype=images.dtype).permute(0, 3, 1, 2)
     # sync: none, the tensors are host memory on the CPU.
-    for row, ((x0, y0, x1, y1), mirrored) in enumerate(zip(boxes.int().tolist(), flip.view(-1).tolist())):
-        crop = images[row % batch : row % batch + 1, :, y0:y1, x0:x1]
+    for row, ((x0, y0, x1, y1), image, mirrored) in enumerate(
+        zip(boxes.int().tolist(), image_index.tolist(), flip.tolist())
+    ):
+        crop = images[image : image + 1, :, y0:y1, x0:x1]
         crop = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
         out[row] = crop.flip(-1) if mirrored else crop
     return out
 
 
-def _crop_resize_batched(images: torch.Tensor, boxes: torch.Tensor, *, flip: torch.Tensor, size: int) -> torch.Tensor:
-    batch = images.shape[0]
-    image_index = torch.arange(boxes.shape[0], device=boxes.device) % batch
+def _crop_resize_batched(images: torch.Tensor, boxes: torch.Tensor, *, image_index: torch.Tensor,
+                         flip: torch.Tensor, size: int) -> torch.Tensor:
     rois = torch.cat([image_index[:, None].to(boxes.dtype), boxes], dim=1)  # (n, 5)
     x = roi_align(images.float(), rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-    return torch.where(flip, x.flip(-1), x).contiguous(memory_format=torch.channels_last)
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x).contiguous(memory_format=torch.channels_last)
 
 
 def sample_crop_boxes(
@@ -189,44 +310,72 @@ def sample_crop_boxes(
     return torch.cat([left, top, left + crop_w, top + crop_h], dim=1)
 
 
-def color_transform(
-    mean_rgb: torch.Tensor, *, strength: float, color_p: float, gray_p: float, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """SimCLR's colour distortion of n images as one affine map each: with probability color_p,
+def draw_color_jitter(rows: int, *, strength: float, color_p: float, gray_p: float,
+                      generator: torch.Generator) -> ColorDraws:
+    """The draws of SimCLR's colour distortion of `rows` images: with probability color_p,
     ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) with its four ops in a random order per image; then
-    grayscale with probability gray_p.
-
-    mean_rgb: (n, 3) mean colour of each image in [0, 1] (contrast's pivot derives from it).
-    Returns (matrix (n, 3, 3), offset (n, 3)): the distorted pixel is clamp(matrix @ rgb + offset, 0, 1).
-    """
-    rows, device = mean_rgb.shape[0], mean_rgb.device
+    grayscale with probability gray_p."""
+    device = generator.device
     jitter, hue_jitter = 0.8 * strength, 0.2 * strength
     # Columns: brightness, contrast, saturation factors in [max(0, 1 - j), 1 + j]; hue in [-h, h].
     u = torch.rand(rows, 4, generator=generator, device=device)
     low = max(0.0, 1.0 - jitter)
-    factors = low + (1.0 + jitter - low) * u[:, :3]
-    hue = (2 * u[:, 3] - 1) * hue_jitter
     order = torch.rand(rows, 4, generator=generator, device=device).argsort(dim=1)  # a permutation per row
+    return ColorDraws(factors=low + (1.0 + jitter - low) * u[:, :3], hue=(2 * u[:, 3] - 1) * hue_jitter, order=order,
+                      jittered=_draw(rows, color_p, generator), greyed=_draw(rows, gray_p, generator))
+
+
+def color_transform(draws: ColorDraws) -> tuple[torch.Tensor, torch.Tensor]:
+    """The colour distortion `draws` of n images as one affine map each, whose offset is linear
+    in the image's mean colour (contrast's pivot, the mean grey level, derives from it).
+
+    Returns (matrix (n, 3, 3), pivot (n, 3, 3)): the distorted pixel of an image of mean colour
+    mean_rgb (3,) in [0, 1] is clamp(matrix @ rgb + pivot @ mean_rgb, 0, 1).
+    """
+    rows, device = draws.hue.shape[0], draws.hue.device
     identity = torch.eye(3, device=device).expand(rows, 3, 3)
     grey = grey_matrix(device).expand(rows, 3, 3)
-    rotation = hue_matrix(hue)
-    matrix, offset = identity, torch.zeros(rows, 3, device=device)
+    rotation = hue_matrix(draws.hue)
+    matrix, pivot = identity, torch.zeros(rows, 3, 3, device=device)
     for position in range(4):
-        op = order[:, position].view(rows, 1, 1)
-        factor = factors.gather(1, order[:, position : position + 1].clamp(max=2)).view(rows, 1, 1)
+        op = draws.order[:, position].view(rows, 1, 1)
+        factor = draws.factors.gather(1, draws.order[:, position : position + 1].clamp(max=2)).view(rows, 1, 1)
         # Brightness and contrast scale by the factor; saturation blends with the grey image;
-        # contrast also adds (1 - factor) * the current mean grey level (torchvision's definitions).
+        # contrast also adds (1 - factor) * the current mean grey level (torchvision's definitions),
+        # grey @ (matrix @ mean_rgb + offset): linear maps commute with the mean.
         step = torch.where(op == 2, factor * identity + (1 - factor) * grey, factor * identity)
         step = torch.where(op == 3, rotation, step)
-        mean_now = (matrix @ mean_rgb[:, :, None])[..., 0] + offset  # (n, 3): linear maps commute with the mean
-        mean_grey = (torch.tensor(_LUMA, device=device) * mean_now).sum(dim=1)
-        shift = torch.where(op[:, 0] == 1, (1 - factor[:, 0]) * mean_grey[:, None], torch.zeros_like(factor[:, 0]))
-        matrix, offset = step @ matrix, (step @ offset[:, :, None])[..., 0] + shift
-    jittered = _draw(rows, color_p, generator).view(rows, 1, 1)
-    matrix, offset = torch.where(jittered, matrix, identity), torch.where(jittered[:, 0], offset, 0.0)
-    greyed = _draw(rows, gray_p, generator).view(rows, 1, 1)
-    grey_offset = (grey @ offset[:, :, None])[..., 0]
-    return torch.where(greyed, grey @ matrix, matrix), torch.where(greyed[:, 0], grey_offset, offset)
+        shift = torch.where(op == 1, (1 - factor) * (grey @ (matrix + pivot)), 0.0)
+        matrix, pivot = step @ matrix, step @ pivot + shift
+    jittered = draws.jittered.view(rows, 1, 1)
+    matrix, pivot = torch.where(jittered, matrix, identity), torch.where(jittered, pivot, 0.0)
+    greyed = draws.greyed.view(rows, 1, 1)
+    return torch.where(greyed, grey @ matrix, matrix), torch.where(greyed, grey @ pivot, pivot)
+
+
+def apply_color(pixels: torch.Tensor, matrix: torch.Tensor, offset: torch.Tensor, *, out: torch.Tensor
+                ) -> torch.Tensor:
+    """matrix (n, 3, 3) @ rgb + offset (n, 3) for every pixel of pixels (n, P, 3), written to and
+    returned in out (n, P, 3) (contiguous).
+
+    k pixels at a time against the block-diagonal kron(I_k, matrix^T) (3k x 3k): with an inner
+    dimension of 3 a matmul runs at a few % of its speed; at 3k = 48 it is memory bound, and
+    the k-fold multiplies by zero cost less than the time they save (2x on the CPU).
+    """
+    rows, num_pixels, _ = pixels.shape
+    k = math.gcd(num_pixels, 16)
+    eye = torch.eye(k, device=pixels.device, dtype=pixels.dtype)
+    block = torch.einsum("ij,nab->niajb", eye, matrix.transpose(1, 2)).reshape(rows, 3 * k, 3 * k)
+    # bmm then add_: baddbmm would first copy the broadcast offset into out, a slower extra pass.
+    torch.bmm(pixels.view(rows, num_pixels // k, 3 * k), block, out=out.view(rows, num_pixels // k, 3 * k))
+    return out.view(rows, num_pixels // k, 3 * k).add_(offset.repeat(1, k)[:, None, :]).view(rows, num_pixels, 3)
+
+
+def _mean_pixel(pixels: torch.Tensor) -> torch.Tensor:
+    """(n, 3) mean of pixels (n, P, 3): summed as rows of 16 pixels (48 wide, vectorised), not 3."""
+    rows, num_pixels, _ = pixels.shape
+    k = math.gcd(num_pixels, 16)
+    return pixels.view(rows, num_pixels // k, 3 * k).sum(dim=1).view(rows, k, 3).sum(dim=1) / num_pixels
 
 
 def grey_matrix(device: torch.device | str) -> torch.Tensor:
@@ -246,7 +395,9 @@ def hue_matrix(shift: torch.Tensor) -> torch.Tensor:
 
 def gaussian_blur(x: torch.Tensor, *, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """Separable Gaussian blur with one sigma (n,) per image, reflect padding. x (n, C, H, W)."""
-    return _blur_hwc(x.permute(0, 2, 3, 1), sigma=sigma, kernel_size=kernel_size).permute(0, 3, 1, 2)
+    hwc = x.permute(0, 2, 3, 1)
+    out, between = (torch.empty(hwc.shape, dtype=hwc.dtype, device=hwc.device) for _ in range(2))
+    return _blur_hwc(hwc, sigma=sigma, kernel_size=kernel_size, out=out, between=between).permute(0, 3, 1, 2)
 
 
 def blur_matrix(sigma: torch.Tensor, *, size: int, kernel_size: int) -> torch.Tensor:
@@ -256,6 +407,9 @@ def blur_matrix(sigma: torch.Tensor, *, size: int, kernel_size: int) -> torch.Te
     offsets = torch.arange(kernel_size, device=sigma.device, dtype=sigma.dtype) - half
     weights = torch.exp(-0.5 * (offsets[None, :] / sigma[:, None]) ** 2)
     weights = weights / weights.sum(dim=1, keepdim=True)  # (n, k)
+    # Weights below float32's smallest normal (the tails of a small sigma) are denormals, which
+    # slow the CPU's matmul ~10x; they are far below the sum's resolution, so they become 0.
+    weights = torch.where(weights < torch.finfo(weights.dtype).tiny, 0.0, weights)
     source = torch.arange(size, device=sigma.device)[:, None] + offsets.long()[None, :]  # (size, k)
     source = torch.where(source < 0, -source, torch.where(source >= size, 2 * (size - 1) - source, source))
     matrix = torch.zeros(sigma.shape[0], size, size, device=sigma.device, dtype=sigma.dtype)
@@ -263,14 +417,37 @@ def blur_matrix(sigma: torch.Tensor, *, size: int, kernel_size: int) -> torch.Te
                                weights[:, None, :].expand(-1, size, -1))
 
 
-def _blur_hwc(x: torch.Tensor, *, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """gaussian_blur of x (n, H, W, C). Each pass is a batched matmul with a banded matrix:
-    on the CPU 3-8x faster than a depthwise convolution despite the zeros, and exact."""
+def _blur_hwc(x: torch.Tensor, *, sigma: torch.Tensor, kernel_size: int, out: torch.Tensor,
+              between: torch.Tensor) -> torch.Tensor:
+    """gaussian_blur of x (n, H, W, C), written to and returned in out (n, H, W, C) contiguous,
+    which may be x itself; between (n, H, W, C) contiguous holds the first pass. Each pass is a few batched
+    matmuls with blocks of the banded blur matrix (the only nonzero part of a block of output
+    lines is the block plus the kernel's half on each side): exact, and on the CPU 3-8x faster
+    than a depthwise convolution. Along W, whose pixels interleave the channels, a block is
+    kron(block^T, I_C), so the image is never transposed."""
     rows, height, width, channels = x.shape
+    half = kernel_size // 2
     along_h = blur_matrix(sigma, size=height, kernel_size=kernel_size)
     along_w = along_h if width == height else blur_matrix(sigma, size=width, kernel_size=kernel_size)
-    x = torch.bmm(along_h, x.reshape(rows, height, width * channels)).view(rows, height, width, channels)
-    return torch.einsum("nvw,nhwc->nhvc", along_w, x)
+    x = x.reshape(rows, height, width * channels)
+    blurred_h = between.view(rows, height, width * channels)
+    for start, stop, low, high in _band_blocks(height, half):
+        torch.bmm(along_h[:, start:stop, low:high], x[:, low:high], out=blurred_h[:, start:stop])
+    out = out.view(rows, height, width * channels)
+    for start, stop, low, high in _band_blocks(width, half):
+        block = x.new_zeros(rows, high - low, channels, stop - start, channels)
+        for channel in range(channels):
+            block[:, :, channel, :, channel] = along_w[:, start:stop, low:high].transpose(1, 2)
+        block = block.view(rows, (high - low) * channels, (stop - start) * channels)
+        out[:, :, start * channels : stop * channels] = torch.bmm(
+            blurred_h[:, :, low * channels : high * channels], block)
+    return out.view(rows, height, width, channels)
+
+
+def _band_blocks(size: int, half: int) -> list[tuple[int, int, int, int]]:
+    """(start, stop, low, high): output lines start..stop-1 read input lines low..high-1."""
+    return [(start, min(size, start + _BLUR_BLOCK), max(0, start - half), min(size, start + _BLUR_BLOCK + half))
+            for start in range(0, size, _BLUR_BLOCK)]
 
 
 def solarize(x: torch.Tensor) -> torch.Tensor:
@@ -278,22 +455,41 @@ def solarize(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= SOLARIZE_THRESHOLD, 1 - x, x)
 
 
-def _blur_rows(x: torch.Tensor, *, blur: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Blur the rows of x (n, H, W, C) where blur (n,) bool, each with its sigma (n,)."""
+def _blur_rows(x: torch.Tensor, *, blur: torch.Tensor, sigma: torch.Tensor, kernel_size: int, scratch
+               ) -> torch.Tensor:
+    """Blur the rows of x (n, H, W, C) where blur (n,) bool, each with its sigma (n,).
+    scratch(name, shape, dtype): a buffer for intermediate values. On the CPU, x is blurred in place."""
     if x.device.type != "cpu":
-        return torch.where(blur.view(-1, 1, 1, 1), _blur_hwc(x, sigma=sigma, kernel_size=kernel_size), x)
+        out, between = scratch("blurred", x.shape, x.dtype), scratch("between", x.shape, x.dtype)
+        blurred = _blur_hwc(x, sigma=sigma, kernel_size=kernel_size, out=out, between=between)
+        return torch.where(blur.view(-1, 1, 1, 1), blurred, x)
     # sync: none, host memory on the CPU: blur only the rows that drew a blur (half of them).
     rows = blur.nonzero()[:, 0]
-    x[rows] = _blur_hwc(x[rows], sigma=sigma[rows], kernel_size=kernel_size)
+    if len(rows):
+        shape = (len(rows), *x.shape[1:])
+        selected = torch.index_select(x, 0, rows, out=scratch("selected", shape, x.dtype))
+        _blur_hwc(selected, sigma=sigma[rows], kernel_size=kernel_size, out=selected,
+                  between=scratch("between", shape, x.dtype))
+        x.index_copy_(0, rows, selected)
     return x
 
 
+def _storage_uses(tensor: torch.Tensor) -> int:
+    """How many tensors (views included) share tensor's memory, plus a constant. The private
+    call is the one torch's own CUDA-graph trees use to see whether an output is still alive."""
+    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
+
+
+def _new_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype, *, device: torch.device) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _draw(rows: int, p: float, generator: torch.Generator) -> torch.Tensor:
-    """(rows, 1, 1, 1) bool, each True with probability p."""
-    return (torch.rand(rows, generator=generator, device=generator.device) < p).view(rows, 1, 1, 1)
+    """(rows,) bool, each True with probability p."""
+    return torch.rand(rows, generator=generator, device=generator.device) < p
 
 
 def _draw_per_crop(p: torch.Tensor, batch: int, generator: torch.Generator) -> torch.Tensor:
-    """(len(p) * batch, 1, 1, 1) bool: rows k*batch .. (k+1)*batch - 1 True with probability p[k]."""
+    """(len(p) * batch,) bool: rows k*batch .. (k+1)*batch - 1 True with probability p[k]."""
     probability = p.view(-1, 1).expand(-1, batch).reshape(-1)
-    return (torch.rand(probability.shape[0], generator=generator, device=p.device) < probability).view(-1, 1, 1, 1)
+    return torch.rand(probability.shape[0], generator=generator, device=p.device) < probability

@@ -6,6 +6,8 @@ Decode once, crop many: `PaddedRGBDecoder` decodes every image ONCE at its store
 batch then goes to the training device (ToDevice, only where the device is CUDA) and all the
 crops are cut from it at once by loaders.augment.DeviceMultiCrop, so a sample costs one
 decode, not one per crop, and the augmentation is the same code as every other backend's.
+On the CPU the two overlap: FFCV decodes the next batches (batches_ahead) in its own threads
+while DeviceMultiCrop spreads the current batch's crops over torch.get_num_threads() threads.
 
 Order: 'random' is the reference loader's order (loaders.folder.EpochBatchSampler: one
 permutation per epoch from (seed, epoch), dealt out round-robin over the ranks), so with the

@@ -3,6 +3,7 @@ ops against torchvision.transforms.functional's single-image ops."""
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -157,11 +158,12 @@ def _reference_color_distortion(x, *, strength, seed, clamp_each_op):
 
 
 def _distort(x, *, strength, seed):
-    generator = _generator(seed)
-    mean_rgb = x.mean(dim=(-2, -1))
-    matrix, offset = augment.color_transform(mean_rgb, strength=strength, color_p=1.0, gray_p=0.0, generator=generator)
+    draws = augment.draw_color_jitter(x.shape[0], strength=strength, color_p=1.0, gray_p=0.0,
+                                      generator=_generator(seed))
+    matrix, pivot = augment.color_transform(draws)
+    offset = (pivot.double() @ x.mean(dim=(-2, -1)).double()[:, :, None])[..., 0]
     pixels = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, 3).double()
-    out = (pixels @ matrix.double().transpose(1, 2) + offset.double()[:, None]).clamp(0, 1)
+    out = (pixels @ matrix.double().transpose(1, 2) + offset[:, None]).clamp(0, 1)
     return out.view(x.shape[0], x.shape[2], x.shape[3], 3).permute(0, 3, 1, 2)
 
 
@@ -219,7 +221,8 @@ def test_blur_rows_only_touches_the_drawn_rows(colour_batch):
     blur = torch.tensor([True, False, True, False, False, True])
     sigma = torch.linspace(0.5, 2.0, 6)
     hwc = colour_batch.permute(0, 2, 3, 1).contiguous()
-    result = augment._blur_rows(hwc.clone(), blur=blur, sigma=sigma, kernel_size=5).permute(0, 3, 1, 2)
+    result = augment._blur_rows(hwc.clone(), blur=blur, sigma=sigma, kernel_size=5,
+                                scratch=partial(augment._new_buffer, device="cpu")).permute(0, 3, 1, 2)
     everywhere = augment.gaussian_blur(colour_batch, sigma=sigma, kernel_size=5)
     torch.testing.assert_close(result, torch.where(blur.view(-1, 1, 1, 1), everywhere, colour_batch))
 
@@ -227,8 +230,9 @@ def test_blur_rows_only_touches_the_drawn_rows(colour_batch):
 def test_host_crop_is_torchvision_resized_crop_and_batched_crop_is_close(photo):
     images = (photo * 255).round().to(torch.uint8)[None].repeat(3, 1, 1, 1)
     boxes = torch.tensor([[10.0, 20.0, 110.0, 90.0], [0.0, 0.0, 128.0, 128.0], [50.0, 60.0, 70.0, 75.0]])
-    flip = torch.tensor([False, True, False]).view(3, 1, 1, 1)
-    host = augment.crop_resize(images, boxes, flip=flip, size=32)
+    flip = torch.tensor([False, True, False])
+    image_index = torch.tensor([0, 2, 1])
+    host = augment.crop_resize(images, boxes, image_index=image_index, flip=flip, size=32)
     assert host.dtype == torch.uint8 and host.is_contiguous(memory_format=torch.channels_last)
     expected = torch.stack([TF.resized_crop(images[0], int(y0), int(x0), int(y1 - y0), int(x1 - x0), [32, 32],
                                             antialias=True) for x0, y0, x1, y1 in boxes.tolist()])
@@ -237,5 +241,95 @@ def test_host_crop_is_torchvision_resized_crop_and_batched_crop_is_close(photo):
     # up to one level; the slices of a channels_last batch take the former.
     assert (host.int() - expected.int()).abs().max() <= 1
     # The accelerators' roi_align path: another antialiasing filter, the same crops.
-    batched = augment._crop_resize_batched(images, boxes, flip=flip, size=32)
+    batched = augment._crop_resize_batched(images, boxes, image_index=image_index, flip=flip, size=32)
     assert (batched - host.float()).abs().mean() < 4  # of 255
+
+
+def test_cpu_chunks_and_threads_do_not_change_the_output(small_recipe, monkeypatch):
+    # The CPU path draws everything first, then applies the draws in chunks of rows over threads:
+    # neither the chunking nor the thread count may change a value.
+    images = torch.randint(0, 256, (6, 3, 40, 48), dtype=torch.uint8)
+    sizes = torch.tensor([[40, 48], [32, 32], [20, 48], [40, 10], [1, 1], [33, 47]])
+    multicrop = DeviceMultiCrop(small_recipe, dtype=torch.float32, device="cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one_thread = multicrop(images, sizes, generator=_generator(3))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads  # restored
+    monkeypatch.setattr(augment, "_CHUNK_PIXELS", 1)  # one row per chunk
+    torch.set_num_threads(2)
+    try:
+        row_chunks = multicrop(images, sizes, generator=_generator(3))
+    finally:
+        torch.set_num_threads(threads)
+    # The whole group at once, as on an accelerator (with the CPU's crop).
+    generator = _generator(3)
+    draws = [multicrop._draw_group(sizes, group, generator=generator) for group in range(2)]
+    whole = []
+    for draw, size in zip(draws, small_recipe.size_crops):
+        out = torch.empty(2 * 6, size, size, 3)
+        multicrop._apply(images, draw, first_row=0, out=out, scratch=partial(augment._new_buffer, device="cpu"))
+        whole.extend(out.permute(0, 3, 1, 2).chunk(2))
+    for a, b, c in zip(one_thread, row_chunks, whole):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_blur_rate_and_sigma_range():
+    recipe = recipe_from_transforms([
+        dict(name="RandomResizedCrop", size=16, scale=[1.0, 1.0], ratio=[1.0, 1.0]),
+        dict(name="ImgPilGaussianBlur", p=0.3, radius_min=1.0, radius_max=2.0),
+    ])
+    checkerboard = ((torch.arange(16)[:, None] + torch.arange(16)[None, :]) % 2 * 255).to(torch.uint8)
+    images = checkerboard.expand(1000, 3, 16, 16).contiguous()
+    (crops,) = DeviceMultiCrop(recipe, dtype=torch.float32, device="cpu")(
+        images, torch.tensor([[16, 16]]).repeat(1000, 1), generator=_generator(4))
+    blurred = (crops - images.float() / 255).abs().amax(dim=(1, 2, 3)) > 1e-6
+    assert blurred.float().mean().item() == pytest.approx(0.3, abs=4 * math.sqrt(0.3 * 0.7 / 1000))
+    # Sigma >= 1 on a checkerboard: interior contrast falls below a third of its range (sigma 1
+    # leaves 0.21 peak to peak), while the unblurred rows keep all of it.
+    interior = crops[:, :, 4:12, 4:12]
+    spread = interior.amax(dim=(2, 3)) - interior.amin(dim=(2, 3))
+    assert (spread[blurred] < 0.3).all() and (spread[~blurred] > 0.99).all()
+
+
+@pytest.mark.parametrize("num_pixels", [64, 35])  # 16 pixels per matmul row, and 1 (35 is odd)
+def test_apply_color_matches_a_float64_reference(num_pixels):
+    generator = _generator(5)
+    pixels = torch.rand(3, num_pixels, 3, generator=generator) * 255
+    matrix = torch.randn(3, 3, 3, generator=generator) / 255
+    offset = torch.randn(3, 3, generator=generator)
+    out = augment.apply_color(pixels, matrix, offset, out=torch.empty(3, num_pixels, 3))
+    expected = torch.stack([torch.stack([m @ p + o for p in image]) for image, m, o in
+                            zip(pixels.double(), matrix.double(), offset.double())])
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-6)
+
+
+def test_blur_over_several_bands_matches_torchvision():
+    # Images larger than the blur's band blocks (32 lines), a 224 px crop's kernel size.
+    x = torch.rand(3, 3, 70, 45, generator=_generator(6))
+    sigmas = [0.1, 1.3, 2.0]
+    expected = torch.stack([TF.gaussian_blur(image, [23, 23], [s, s]) for image, s in zip(x, sigmas)])
+    torch.testing.assert_close(augment.gaussian_blur(x, sigma=torch.tensor(sigmas), kernel_size=23), expected,
+                               atol=1e-5, rtol=0)
+    # No denormal weights (they slow the CPU's matmul ~10x): each is 0 or a normal float.
+    matrix = augment.blur_matrix(torch.tensor([0.1, 0.5]), size=224, kernel_size=23)
+    assert ((matrix == 0) | (matrix >= torch.finfo(torch.float32).tiny)).all()
+
+
+def test_cpu_output_buffers_are_reused_only_once_released(small_recipe):
+    images = torch.randint(0, 256, (4, 3, 40, 48), dtype=torch.uint8)
+    sizes = torch.tensor([[40, 48]]).repeat(4, 1)
+    multicrop = DeviceMultiCrop(small_recipe, dtype=torch.float32, device="cpu")
+    first = multicrop(images, sizes, generator=_generator(1))
+    kept = [crop.clone() for crop in first]
+    held_view = first[0][1:3]  # a view of a view keeps the buffer alive too
+    second = multicrop(images, sizes, generator=_generator(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, kept))  # live crops are never overwritten
+    assert torch.equal(held_view, kept[0][1:3])
+    addresses = {crop.untyped_storage().data_ptr() for crop in first + second}
+    del first, held_view, second
+    third = multicrop(images, sizes, generator=_generator(1))
+    assert {crop.untyped_storage().data_ptr() for crop in third} <= addresses  # released buffers reused
+    assert all(torch.equal(a, b) for a, b in zip(third, kept))
