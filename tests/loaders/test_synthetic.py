@@ -103,3 +103,16 @@ def test_class_is_in_the_structure():
     distances = np.linalg.norm(features[:, None] - features[None], axis=-1)
     np.fill_diagonal(distances, np.inf)
     assert (labels[distances.argmin(1)] == labels).mean() > 0.35
+
+
+def test_muted_light_on_dark():
+    """The design the demo relies on: muted colours (chroma bounded by MAX_SATURATION, plus a
+    little noise) and a light foreground on a dark background, for every class."""
+    for label, name in enumerate(CLASS_NAMES):
+        for i in range(5):
+            pixels = draw_image(name, size=32, rng=np.random.default_rng([3, label, i])).astype(np.float32) / 255
+            chroma = pixels.max(-1) - pixels.min(-1)  # HSV saturation times value
+            assert np.percentile(chroma, 95) < synthetic.MAX_SATURATION + 0.08
+            luma = pixels @ np.array([0.299, 0.587, 0.114], np.float32)
+            dark, light = np.percentile(luma, [10, 90])
+            assert dark < 0.4 and light > 0.6
