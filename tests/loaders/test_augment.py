@@ -221,7 +221,7 @@ def test_blur_rows_only_touches_the_drawn_rows(colour_batch):
     blur = torch.tensor([True, False, True, False, False, True])
     sigma = torch.linspace(0.5, 2.0, 6)
     hwc = colour_batch.permute(0, 2, 3, 1).contiguous()
-    result = augment._blur_rows(hwc.clone(), blur=blur, sigma=sigma, kernel_size=5,
+    result = augment.blur_rows(hwc.clone(), blur=blur, sigma=sigma, kernel_size=5,
                                 scratch=partial(augment._new_buffer, device="cpu")).permute(0, 3, 1, 2)
     everywhere = augment.gaussian_blur(colour_batch, sigma=sigma, kernel_size=5)
     torch.testing.assert_close(result, torch.where(blur.view(-1, 1, 1, 1), everywhere, colour_batch))
