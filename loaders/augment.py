@@ -234,7 +234,7 @@ class DeviceMultiCrop:
         hwc = work.view(rows, size, size, 3)
         if draw.blur is not None:
             hwc = blur_rows(hwc, blur=draw.blur, sigma=draw.sigma, kernel_size=blur_kernel_size(size),
-                             scratch=scratch)
+                            scratch=scratch)
         if draw.solarize is not None:
             hwc = torch.where(draw.solarize.view(rows, 1, 1, 1), solarize(hwc), hwc)
         # With the channels repeated 16 times, the innermost dimension is 48 wide, not 3: the
