@@ -1,15 +1,33 @@
-"""Checkpoints: one file per save, written atomically, holding everything for an identical continuation."""
+"""Checkpoints: one file per save, written atomically, holding everything for an identical continuation.
+
+``TrainingCheckpoint`` is the one save/restore pair of a run. State that every rank holds alike (the
+model, the optimizer, a method's shared state such as NPID's bank) is written once, by rank 0, in
+``checkpoint_stepNNNNNNNN.torch``; each rank > 0 writes only its own part (the method's rank-local
+state, such as SwAV's queue, and its random streams) to ``rank_state_stepNNNNNNNN_rankR.torch``.
+Rank 0's own part is inside the checkpoint, so a checkpoint alone holds a whole method state.
+"""
 from __future__ import annotations
 
 import os
 import random
 import re
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 _NAME = re.compile(r"^checkpoint_step(\d+)\.torch$")
+
+
+@dataclass
+class TrainState:
+    """Where training stands: the next global step to run and its place in the epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
 
 
 def rng_state() -> dict:
@@ -84,3 +102,63 @@ def load_checkpoint(path: str | Path, *, map_location="cpu") -> dict:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as error:
         raise RuntimeError(f"cannot read checkpoint {path}: {error}") from None
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+class TrainingCheckpoint:
+    """Save and restore one run: shared state once (rank 0), rank-local state per rank (see the module doc).
+
+    model: the plain module (not its DDP / compiled wrapper). extra_state: saved as is (config, head params).
+    """
+
+    def __init__(self, *, directory: str | Path, rank: int, model, optimizer, scaler, method, extra_state: dict):
+        self.directory = Path(directory)
+        self.rank = rank
+        self.model, self.optimizer, self.scaler, self.method = model, optimizer, scaler, method
+        self.extra_state = extra_state
+
+    def save(self, state: TrainState) -> Path | None:
+        """Every rank calls this together. Ranks > 0 write their own part first; rank 0 writes the
+        checkpoint once they all have, so a checkpoint on disk always has its per-rank files."""
+        shared, local = self.method.split_state_dict()
+        if self.rank != 0:
+            save_rank_state(self.directory, {"method": local, "rng": rng_state()}, step=state.step, rank=self.rank)
+        if _distributed():
+            torch.distributed.barrier()
+        path = None
+        if self.rank == 0:
+            path = save_checkpoint(self.directory, {
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "method": {**shared, **local}, "rng": rng_state(),
+                "step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
+                **self.extra_state}, step=state.step)
+        if _distributed():
+            torch.distributed.barrier()
+        return path
+
+    def restore_latest(self, *, map_location) -> tuple[TrainState, Path] | None:
+        """Load the latest checkpoint of the directory into the run's objects; None when there is none."""
+        path = latest_checkpoint(self.directory)
+        if path is None:
+            return None
+        saved = load_checkpoint(path, map_location=map_location)
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.scaler is not None and saved["scaler"] is not None:
+            self.scaler.load_state_dict(saved["scaler"])
+        method_state, rng = saved["method"], saved["rng"]
+        if self.rank > 0:
+            own = rank_state_path(self.directory, step=saved["step"], rank=self.rank)
+            if own.exists():
+                mine = load_checkpoint(own, map_location=map_location)
+                method_state, rng = {**method_state, **mine["method"]}, mine["rng"]
+            else:  # the run was saved with fewer ranks
+                print(f"fastssl: no per-rank state {own.name}: rank {self.rank} resumes with rank 0's method "
+                      "state", file=sys.stderr)
+        self.method.load_state_dict(method_state)
+        set_rng_state(rng)
+        return TrainState(step=saved["step"], epoch=saved["epoch"], batch_in_epoch=saved["batch_in_epoch"]), path

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import rng_state, save_checkpoint, save_rank_state
+from .checkpoint import TrainingCheckpoint, TrainState
 from .methods.base import Method
 from .metrics import RunLogger
 
@@ -20,65 +20,28 @@ class NonFiniteLossError(RuntimeError):
 
 
 @dataclass
-class TrainState:
-    """Where training stands: the next global step to run and its place in the epoch."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-
-
-@dataclass
 class LoopSettings:
     num_epochs: int
     steps_per_epoch: int
     lr_schedule: np.ndarray                  # (total_steps,) learning rate at every global step
     autocast_dtype: torch.dtype | None       # None: full precision
     log_frequency: int
-    checkpoint_dir: str
     checkpoint_every_epochs: int
     checkpoint_every_steps: int              # -1: off
     frozen_params: list = field(default_factory=list)  # [(list of parameters, until_step)]
     rank: int = 0
     images_per_step: int = 0                 # global images per step, for images/s
-    extra_state: dict = field(default_factory=dict)     # saved as is (config, derived values)
     stop_requested: object = None            # callable -> bool: checkpoint and stop at the next boundary
 
 
-def _checkpoint_state(*, model, optimizer, scaler, method, state: TrainState, settings: LoopSettings) -> dict:
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "method": method.state_dict(), "rng": rng_state(),
-            "step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
-            **settings.extra_state}
-
-
-def _save_all_ranks(*, model, optimizer, scaler, method, state, settings) -> Path | None:
-    """Ranks > 0 write their own method and RNG state (queues, memories, random streams differ per
-    rank) beside the checkpoint first; rank 0 writes the checkpoint itself once they all have, so a
-    checkpoint file on disk always has its per-rank files."""
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if settings.rank != 0:
-        save_rank_state(settings.checkpoint_dir, {"method": method.state_dict(), "rng": rng_state()},
-                        step=state.step, rank=settings.rank)
-    if distributed:
-        torch.distributed.barrier()
-    path = None
-    if settings.rank == 0:
-        path = save_checkpoint(settings.checkpoint_dir, _checkpoint_state(
-            model=model, optimizer=optimizer, scaler=scaler, method=method, state=state, settings=settings),
-            step=state.step)
-    if distributed:
-        torch.distributed.barrier()
-    return path
-
-
-def _dump_non_finite(*, directory: str, batch, outputs, loss, method: Method, step: int, rank: int) -> Path:
-    path = Path(directory) / f"nan_dump_rank{rank}_step{step}.torch"
+def _dump_non_finite(*, directory: Path, batch, loss, method: Method, step: int, rank: int) -> Path:
+    path = directory / f"nan_dump_rank{rank}_step{step}.torch"
     path.parent.mkdir(parents=True, exist_ok=True)
+    debug = method.debug_tensors()
+    outputs = debug.pop("outputs", None)
     torch.save({"step": step, "loss": loss.detach().cpu(), "crops": [c.detach().cpu() for c in batch.crops],
                 "indices": batch.indices.cpu(), "outputs": _to_cpu(outputs),
-                "method": {k: v.cpu() for k, v in method.debug_tensors().items()}}, path)
+                "method": {k: v.cpu() for k, v in debug.items()}}, path)
     return path
 
 
@@ -90,101 +53,115 @@ def _to_cpu(value):
     return value
 
 
+class MetricsWindow:
+    """Running sums on the device between two log reads (the only host syncs of the step)."""
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), device=device)
+        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.start, self.wait, self.steps = time.perf_counter(), 0.0, 0
+
+    def add(self, loss: torch.Tensor, step: int) -> None:
+        detached = loss.detach().float()
+        self.loss_sum += detached
+        self.first_bad_step = torch.where((self.first_bad_step < 0) & ~torch.isfinite(detached),
+                                          torch.full_like(self.first_bad_step, step), self.first_bad_step)
+        self.steps += 1
+
+    def read(self) -> tuple[int, float, float, float]:
+        """(first non-finite step or -1, mean loss over ranks, seconds, data-wait seconds); then resets."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(self.loss_sum)  # the logged loss is the mean over ranks
+            self.loss_sum /= torch.distributed.get_world_size()
+        bad = int(self.first_bad_step)  # sync: once per log period
+        mean_loss = float(self.loss_sum) / self.steps  # sync: log
+        elapsed, wait = time.perf_counter() - self.start, self.wait
+        self.loss_sum.zero_()
+        self.start, self.wait, self.steps = time.perf_counter(), 0.0, 0
+        return bad, mean_loss, elapsed, wait
+
+
+def optimizer_step(*, loss: torch.Tensor, model: nn.Module, method: Method, optimizer, scaler, step: int,
+                   frozen_params: list) -> None:
+    """Backward, the frozen parameters' gradients dropped, the method's hooks around the optimizer step."""
+    if scaler is not None:
+        scaler.scale(loss).backward()
+    else:
+        loss.backward()
+    for params, until_step in frozen_params:
+        if step < until_step:  # frozen: no update and no weight decay (SGD skips grad None)
+            for p in params:
+                p.grad = None
+    method.before_step(step=step, model=model)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    method.after_step(step=step, model=model)
+
+
 def train(*, model: nn.Module, trained_model: nn.Module, method: Method, optimizer, scaler, loader,
-          state: TrainState, settings: LoopSettings, logger: RunLogger) -> TrainState:
+          state: TrainState, settings: LoopSettings, checkpoint: TrainingCheckpoint, logger: RunLogger) -> TrainState:
     """Run from ``state`` to the end of training; returns the final state.
 
-    ``model`` is the plain module (checkpointed); ``trained_model`` is what runs the forward (the same
-    module, or its DDP / compiled wrapper).
+    ``model`` is the plain module; ``trained_model`` is what the method's step runs (the same module, or
+    its DDP / compiled wrapper). ``checkpoint`` saves the run (and is where a non-finite loss dumps).
     """
     device = next(model.parameters()).device
     total_steps = settings.num_epochs * settings.steps_per_epoch
     autocast = (torch.autocast(device_type=device.type, dtype=settings.autocast_dtype)
                 if settings.autocast_dtype is not None else contextlib.nullcontext())
-    loss_sum = torch.zeros((), device=device)           # running sums stay on the device between logs
-    first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
-    window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
+    window = MetricsWindow(device)
 
     for epoch in range(state.epoch, settings.num_epochs):
         # ---------------- epoch start -------------------------------------------------------
         loader.set_epoch(epoch, start_batch=state.batch_in_epoch)
         method.on_epoch_start(epoch=epoch, model=model, loader=loader)
-        trained_model.train()
+        method.set_train_mode(trained_model)
         batches = iter(loader)
         while True:
             wait_start = time.perf_counter()
             batch = next(batches, None)
-            window_wait += time.perf_counter() - wait_start
+            window.wait += time.perf_counter() - wait_start
             if batch is None:
                 break
             step = state.step
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr_schedule[step]
 
-            # ---------------- forward and loss ----------------------------------------------
+            # ---------------- the method's step, backward, optimizer ---------------------------
             with autocast:
-                outputs = trained_model(batch.crops)
-                loss = method.loss(outputs, batch, step=step)
-
-            # ---------------- backward and step ---------------------------------------------
-            if scaler is not None:
-                scaler.scale(loss).backward()
-            else:
-                loss.backward()
-            for params, until_step in settings.frozen_params:
-                if step < until_step:  # frozen: no update and no weight decay (SGD skips grad None)
-                    for p in params:
-                        p.grad = None
-            method.before_step(step=step, model=model)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            method.after_step(step=step, model=model)
-
-            # ---------------- bookkeeping (device-side until the log period) ---------------
-            detached = loss.detach().float()
-            loss_sum += detached
-            first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(detached),
-                                         torch.full_like(first_bad_step, step), first_bad_step)
+                loss = method.training_loss(trained_model, batch, step=step)
+            optimizer_step(loss=loss, model=model, method=method, optimizer=optimizer, scaler=scaler, step=step,
+                           frozen_params=settings.frozen_params)
+            window.add(loss, step)
             state.step += 1
             state.batch_in_epoch += 1
-            window_steps += 1
             end_of_epoch = state.batch_in_epoch == settings.steps_per_epoch
 
-            if window_steps == settings.log_frequency or end_of_epoch or state.step == total_steps:
-                if torch.distributed.is_available() and torch.distributed.is_initialized():
-                    torch.distributed.all_reduce(loss_sum)  # the logged loss is the mean over ranks
-                    loss_sum /= torch.distributed.get_world_size()
-                bad = int(first_bad_step)  # sync: once per log period
+            # ---------------- log (device-side sums read once per period) ---------------------
+            if window.steps == settings.log_frequency or end_of_epoch or state.step == total_steps:
+                steps_in_window = window.steps
+                bad, mean_loss, elapsed, wait = window.read()
                 if bad >= 0:
-                    dump = _dump_non_finite(directory=settings.checkpoint_dir, batch=batch, outputs=outputs,
-                                            loss=loss, method=method, step=step, rank=settings.rank)
+                    dump = _dump_non_finite(directory=checkpoint.directory, batch=batch, loss=loss, method=method,
+                                            step=step, rank=settings.rank)
                     raise NonFiniteLossError(
                         f"loss became non-finite at step {bad} (seen at step {step}); inputs and outputs of step "
-                        f"{step} written to {dump}; the last good checkpoint in {settings.checkpoint_dir} is intact")
-                elapsed = time.perf_counter() - window_start
-                logger.log({"step": step, "epoch": epoch, "loss": float(loss_sum) / window_steps,  # sync: log
-                            "lr": float(settings.lr_schedule[step]),
-                            "images_per_s": settings.images_per_step * window_steps / elapsed,
-                            "data_wait_share": window_wait / elapsed,
-                            "seconds_per_step": elapsed / window_steps}, steps_done=state.step)
-                loss_sum.zero_()
-                window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
+                        f"{step} written to {dump}; the last good checkpoint in {checkpoint.directory} is intact")
+                logger.log({"step": step, "epoch": epoch, "loss": mean_loss, "lr": float(settings.lr_schedule[step]),
+                            "images_per_s": settings.images_per_step * steps_in_window / elapsed,
+                            "data_wait_share": wait / elapsed, "seconds_per_step": elapsed / steps_in_window},
+                           steps_done=state.step)
 
             # ---------------- checkpoint -------------------------------------------------------
             if end_of_epoch:
                 state.epoch, state.batch_in_epoch = epoch + 1, 0
             stop = settings.stop_requested is not None and settings.stop_requested()
-            if (stop
-                    or (end_of_epoch and ((epoch + 1) % settings.checkpoint_every_epochs == 0
-                                          or epoch + 1 == settings.num_epochs))
-                    or (settings.checkpoint_every_steps > 0 and state.step % settings.checkpoint_every_steps == 0)):
-                # Every rank reaches this together (the conditions are the same on all ranks).
-                path = _save_all_ranks(model=model, optimizer=optimizer, scaler=scaler, method=method, state=state,
-                                       settings=settings)
+            if stop or _checkpoint_due(settings, state, epoch=epoch, end_of_epoch=end_of_epoch):
+                path = checkpoint.save(state)  # every rank reaches this together (same conditions)
                 if path is not None:
                     logger.info(f"fastssl: saved checkpoint {path}")
             if stop:
@@ -195,3 +172,9 @@ def train(*, model: nn.Module, trained_model: nn.Module, method: Method, optimiz
         if state.epoch == epoch:  # the loader ran dry before steps_per_epoch batches
             state.epoch, state.batch_in_epoch = epoch + 1, 0
     return state
+
+
+def _checkpoint_due(settings: LoopSettings, state: TrainState, *, epoch: int, end_of_epoch: bool) -> bool:
+    if end_of_epoch and ((epoch + 1) % settings.checkpoint_every_epochs == 0 or epoch + 1 == settings.num_epochs):
+        return True
+    return settings.checkpoint_every_steps > 0 and state.step % settings.checkpoint_every_steps == 0

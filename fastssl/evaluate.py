@@ -18,10 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loaders.build import build_eval_loader
-
+from .builder import build_eval_data, build_run_model, config_from_checkpoint
 from .checkpoint import latest_checkpoint, load_checkpoint
-from .models import build_model
 
 
 @torch.no_grad()
@@ -92,31 +90,16 @@ def _knn_command(args) -> int:
         print(f"fastssl-eval: error: no checkpoint found at {path}", file=sys.stderr)
         return 2
     saved = load_checkpoint(checkpoint_file)
-    cfg = saved["config"]
+    cfg = config_from_checkpoint(saved)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
-    trunk_cfg, data_cfg = cfg["MODEL"]["TRUNK"], cfg["DATA"]["TRAIN"]
 
     def trunk_builder():
-        return build_model(trunk_name=trunk_cfg["NAME"], resnet=trunk_cfg["RESNETS"],
-                           regnet={k: v for k, v in trunk_cfg["REGNET"].items() if v is not None}, alexnet=None,
-                           head_params=saved["head_params"], channels_last=cfg["MODEL"]["CHANNELS_LAST"])
+        return build_run_model(cfg, head_params=saved["head_params"])
 
-    sources = data_cfg["DATA_SOURCES"] or ["synthetic"]
-    source = sources[0] if data_cfg["DATA_PATHS"] else "synthetic"
-    synthetic = data_cfg["SYNTHETIC"]
-    normalize = next((t for t in data_cfg["TRANSFORMS"] if t["name"] == "Normalize"),
-                     {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]})
-    crop = next(t for t in data_cfg["TRANSFORMS"] if t["name"] in ("ImgPilToMultiCrop", "RandomResizedCrop"))
-    image_size = args.image_size or (crop.get("size_crops") or [crop.get("size")])[0]
-    common = dict(source=source, image_size=image_size, batch_size=args.batch_size, num_workers=args.workers,
-                  data_limit=-1, device=device, dtype=torch.float32, mean=normalize["mean"], std=normalize["std"],
-                  synthetic_params={"root": synthetic["ROOT"] or None, "image_size": synthetic["IMAGE_SIZE"],
-                                    "train_per_class": synthetic["TRAIN_PER_CLASS"],
-                                    "val_per_class": synthetic["VAL_PER_CLASS"]})
+    common = dict(image_size=args.image_size, batch_size=args.batch_size, num_workers=args.workers, device=device)
     try:
-        train_loader = build_eval_loader(split="train", data_path=args.train_path or (
-            data_cfg["DATA_PATHS"][0] if source != "synthetic" else None), **common)
-        val_loader = build_eval_loader(split="val", data_path=args.val_path, **common)
+        train_loader = build_eval_data(cfg, split="train", data_path=args.train_path, **common)
+        val_loader = build_eval_data(cfg, split="val", data_path=args.val_path, **common)
     except (FileNotFoundError, ValueError) as error:
         print(f"fastssl-eval: error: {error}", file=sys.stderr)
         return 2

@@ -10,14 +10,13 @@ from torch import nn
 _NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
 
-def parameter_groups(model: nn.Module, *, weight_decay: float, regularize_bn: bool, regularize_bias: bool,
-                     exclude_from_larc_bn_bias: bool = False) -> list[dict]:
+def parameter_groups(model: nn.Module, *, weight_decay: float, regularize_bn: bool,
+                     regularize_bias: bool) -> list[dict]:
     """Split parameters into weight-decayed and not, as VISSL's regularize_bn / regularize_bias do.
 
-    Returns param groups for torch.optim.SGD; each group carries a ``larc`` flag (BYOL excludes BN and
-    biases from the LARC adaptation too).
+    Returns param groups for torch.optim.SGD.
     """
-    decay, no_decay, no_larc = [], [], []
+    decay, no_decay = [], []
     seen = set()
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
@@ -26,17 +25,13 @@ def parameter_groups(model: nn.Module, *, weight_decay: float, regularize_bn: bo
             seen.add(id(param))
             is_bn = isinstance(module, _NORM_LAYERS)
             is_bias = name == "bias"
-            if exclude_from_larc_bn_bias and (is_bn or is_bias):
-                no_larc.append(param)
-            elif (is_bn and not regularize_bn) or (is_bias and not regularize_bias):
+            if (is_bn and not regularize_bn) or (is_bias and not regularize_bias):
                 no_decay.append(param)
             else:
                 decay.append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay, "larc": True}]
+    groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, "larc": True})
-    if no_larc:
-        groups.append({"params": no_larc, "weight_decay": 0.0, "larc": False})
+        groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
 
 
@@ -75,8 +70,6 @@ class LARC:
         for group in self.optim.param_groups:
             weight_decay = group["weight_decay"]
             saved_decay.append(weight_decay)
-            if not group.get("larc", True):
-                continue
             group["weight_decay"] = 0.0
             for p in group["params"]:
                 if p.grad is None:
@@ -96,12 +89,12 @@ class LARC:
 
 def build_optimizer(model: nn.Module, *, name: str, momentum: float, nesterov: bool, weight_decay: float,
                     regularize_bn: bool, regularize_bias: bool, use_larc: bool, larc_clip: bool,
-                    larc_trust_coefficient: float, larc_eps: float, exclude_bn_bias_from_larc: bool = False):
+                    larc_trust_coefficient: float, larc_eps: float):
     """SGD (optionally wrapped in LARC) over VISSL's parameter groups. The LR is set per step by the loop."""
     if name != "sgd":
         raise ValueError(f"optimizer {name!r} is not supported (sgd only, as VISSL's LARC recipes)")
     groups = parameter_groups(model, weight_decay=weight_decay, regularize_bn=regularize_bn,
-                              regularize_bias=regularize_bias, exclude_from_larc_bn_bias=exclude_bn_bias_from_larc)
+                              regularize_bias=regularize_bias)
     sgd = torch.optim.SGD(groups, lr=0.0, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
     if use_larc:
         return LARC(sgd, trust_coefficient=larc_trust_coefficient, clip=larc_clip, eps=larc_eps)

@@ -36,18 +36,13 @@ def embedding_of(outputs) -> torch.Tensor:
     return outputs[0] if isinstance(outputs, (tuple, list)) else outputs
 
 
-def autocast_for(tensor: torch.Tensor):
-    """Autocast matching the batch's dtype: the loop's autocast does not cover passes a method runs itself."""
-    if tensor.dtype in (torch.float16, torch.bfloat16):
-        return torch.autocast(device_type=tensor.device.type, dtype=tensor.dtype)
-    return contextlib.nullcontext()
-
-
 class DeepClusterV2(Method):
+    rank_local_state = ("memory", "memory_index")  # each rank remembers the samples it saw; the rest is shared
+
     def __init__(self, *, temperature: float, num_clusters: list[int], kmeans_iters: int, crops_for_mb: list[int],
                  embedding_dim: int, num_crops: int, batch_size: int, local_memory_size: int,
                  num_train_samples: int, iterations_per_epoch: int, total_iterations: int,
-                 device: torch.device | str, process_group=None):
+                 device: torch.device | str, process_group=None, autocast=contextlib.nullcontext):
         super().__init__()
         if not crops_for_mb or max(crops_for_mb) >= num_crops:
             raise ValueError(f"deepclusterv2_loss.memory_params.crops_for_mb {crops_for_mb} must name crops "
@@ -66,6 +61,7 @@ class DeepClusterV2(Method):
         self.iterations_per_epoch = iterations_per_epoch
         self.total_iterations = total_iterations
         self.process_group = process_group
+        self._autocast = autocast  # the loop's autocast, for the memory fill that runs outside the step
         self.clustered_epoch = -1  # the epoch whose targets the centroids/assignments hold (extra state)
         self._debug: dict = {}
         memory_crops = len(crops_for_mb)
@@ -94,7 +90,8 @@ class DeepClusterV2(Method):
                    embedding_dim=embedding_dim, num_crops=run.num_crops,
                    batch_size=run.batch_size_per_replica, local_memory_size=local_memory_size,
                    num_train_samples=run.num_train_samples, iterations_per_epoch=run.iterations_per_epoch,
-                   total_iterations=run.total_iterations, device=run.device, process_group=run.process_group)
+                   total_iterations=run.total_iterations, device=run.device, process_group=run.process_group,
+                   autocast=run.autocast)
 
     @property
     def centroids(self) -> list[torch.Tensor]:
@@ -134,7 +131,7 @@ class DeepClusterV2(Method):
         loader.set_epoch(0)
         for batch_number, batch in enumerate(loader):
             crops = [batch.crops[crop] for crop in self.crops_for_mb]
-            with autocast_for(crops[0]):
+            with self._autocast():
                 embedding = embedding_of(model(crops))  # (M * B, D)
             self._write(F.normalize(embedding.float(), dim=1), batch.indices, batch_number, list(range(len(crops))))
         model.train(was_training)
@@ -185,4 +182,4 @@ class DeepClusterV2(Method):
         return total / len(self.num_clusters)
 
     def debug_tensors(self) -> dict:
-        return dict(self._debug)
+        return {**super().debug_tensors(), **self._debug}

@@ -148,4 +148,4 @@ class NPID(Method):
         self.norm_constant_known = True
 
     def debug_tensors(self) -> dict:
-        return {**self._debug, "norm_constant": self.norm_constant}
+        return {**super().debug_tensors(), **self._debug, "norm_constant": self.norm_constant}

@@ -18,6 +18,8 @@ from .base import Method, RunInfo
 
 
 class SwAV(Method):
+    rank_local_state = ("queue",)  # each rank queues its own past embeddings
+
     def __init__(self, *, temperature: float, epsilon: float, num_iters: int, crops_for_assign: list[int],
                  num_crops: int, num_prototypes: list[int], embedding_dim: int, use_double_precision: bool,
                  temp_hard_assignment_iters: int, normalize_last_layer: bool, queue_start_iter: int,
@@ -126,4 +128,4 @@ class SwAV(Method):
             self.queue[i, :batch_size] = embedding[crop_id * batch_size: (crop_id + 1) * batch_size]
 
     def debug_tensors(self) -> dict:
-        return dict(self._debug)
+        return {**super().debug_tensors(), **self._debug}

@@ -119,3 +119,43 @@ def test_eight_node_config_with_one_process_per_node_trains_here_with_a_notice(t
                         "config.OPTIMIZER.num_epochs=1", f"config.CHECKPOINT.DIR={tmp_path}"]) == 0
     assert "training on one process" in capfd.readouterr().err
     assert load_checkpoint(latest_checkpoint(tmp_path))["derived_world_size"] == 1
+
+
+NPID_TWO_RANKS = [
+    "config=pretrain/npid/npid_1node_cpu_resnet18", "config.MACHINE.DEVICE=cpu",
+    "config.DATA.TRAIN.SYNTHETIC.IMAGE_SIZE=32", "config.DATA.TRAIN.SYNTHETIC.TRAIN_PER_CLASS=4",
+    "config.DATA.TRAIN.SYNTHETIC.VAL_PER_CLASS=2", "config.DATA.NUM_DATALOADER_WORKERS=0",
+    "config.DATA.TRAIN.DATA_LIMIT=16", "config.OPTIMIZER.num_epochs=2", "config.LOG_FREQUENCY=1",
+    "config.HOOKS.TENSORBOARD_SETUP.USE_TENSORBOARD=False",
+    "config.LOSS.nce_loss_with_memory.negative_sampling_params.num_negatives=8",
+    "config.LOSS.nce_loss_with_memory.memory_params.embedding_dim=1024",  # a bank (64 KB) larger than RNG states
+    "config.DATA.TRAIN.TRANSFORMS=[{name: RandomResizedCrop, size: 16}, {name: ToTensor}]",
+    "config.DISTRIBUTED.NUM_PROC_PER_NODE=2", "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=4"]
+
+
+def test_shared_method_state_is_saved_once_and_a_two_rank_resume_is_exact(tmp_path):
+    # NPID's bank is the same on every rank: it is in the checkpoint only, never in a per-rank file.
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_ranks(_train(NPID_TWO_RANKS + [f"config.CHECKPOINT.DIR={straight}"]), world_size=2,
+                     init_group=False, deadline_s=120) == [0, 0]
+    final = final_checkpoint(straight, steps=4)
+    bank = final["method"]["bank"]
+    assert bank.shape == (16, 1024)
+    own = rank_state_path(straight, step=4, rank=1)
+    rank1 = load_checkpoint(own)
+    assert set(rank1) == {"method", "rng"} and "bank" not in rank1["method"] and "norm_constant" not in rank1["method"]
+    assert own.stat().st_size < bank.numel() * bank.element_size()
+
+    # Resume from the end of epoch 0 (step 2): the checkpoint and rank 1's file, copied to a fresh directory.
+    resumed.mkdir()
+    for name in ("checkpoint_step00000002.torch", "rank_state_step00000002_rank1.torch"):
+        (resumed / name).write_bytes((straight / name).read_bytes())
+    assert run_ranks(_train(NPID_TWO_RANKS + [f"config.CHECKPOINT.DIR={resumed}"]), world_size=2,
+                     init_group=False, deadline_s=120) == [0, 0]
+    losses = {d: [json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]
+              for d in (straight, resumed)}
+    assert losses[resumed] == losses[straight][2:]
+    again = final_checkpoint(resumed, steps=4)
+    for part in ("model", "method"):
+        for key, value in final[part].items():
+            assert torch.equal(again[part][key], value) if isinstance(value, torch.Tensor) else again[part][key] == value

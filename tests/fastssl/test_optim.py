@@ -7,7 +7,7 @@ from torch import nn
 
 from fastssl.config import compose_config
 from fastssl.optim import LARC, build_optimizer, parameter_groups, precompute_schedule
-from fastssl.train import derive
+from fastssl.builder import derive
 
 
 def test_larc_step_equals_hand_computed_step():
@@ -56,9 +56,9 @@ def test_swav_8node_schedule_at_named_steps():
     cfg = compose_config(["config=pretrain/swav/swav_8node_resnet"])
     iterations = 1281167 // 4096
     derived = derive(cfg, world_size=64, num_samples=1281167, iterations_per_epoch=iterations)
-    lr = derived["lr_schedule"]
+    lr = derived.lr_schedule
     total = 400 * iterations
-    assert derived["global_batch_size"] == 4096 and len(lr) == total
+    assert derived.global_batch_size == 4096 and len(lr) == total
     assert lr[0] == pytest.approx(0.6)                       # warmup starts from 0.3 * 512 / 256
     warmup_steps = int(0.025 * total)
     # last warmup step is linear towards the peak 4.8 = 0.3 * 4096 / 256

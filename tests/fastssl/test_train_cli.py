@@ -9,7 +9,8 @@ import torch
 
 from fastssl.checkpoint import latest_checkpoint, load_checkpoint
 from fastssl.config import compose_config
-from fastssl.train import build_run_model, main, resolve_head_params
+from fastssl.builder import build_run_model, resolve_head_params
+from fastssl.train import main
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["config.DATA.TRAIN.SYNTHETIC.IMAGE_SIZE=32", "config.DATA.TRAIN.SYNTHETIC.TRAIN_PER_CLASS=4",

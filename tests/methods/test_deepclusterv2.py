@@ -160,16 +160,16 @@ def test_from_config_sizes_the_memory_per_rank():
               "BATCHSIZE_PER_REPLICA": 999, "num_crops": 7, "num_train_samples": -1,
               "memory_params": {"crops_for_mb": [0], "embedding_dim": D}}
     info = dict(rank=1, world_size=4, batch_size_per_replica=8, global_batch_size=32, num_crops=2,
-                num_train_samples=1000, iterations_per_epoch=31, total_iterations=62, output_dir="",
+                num_train_samples=1000, iterations_per_epoch=31, total_iterations=62,
                 device=torch.device("cpu"), head_params=[["mlp", {"dims": [16, D]}]])
     dc2 = DeepClusterV2.from_config(params, RunInfo(**info, drop_last=True))
     assert dc2.memory.shape == (1, 31 * 8, D) and dc2.assignments.shape == (1, 1000) and dc2.num_crops == 2
     assert DeepClusterV2.from_config(params, RunInfo(**info, drop_last=False)).memory.shape == (1, 250, D)
     with pytest.raises(ValueError, match="embedding_dim"):
         DeepClusterV2.from_config({**params, "memory_params": {"crops_for_mb": [0], "embedding_dim": 3}},
-                                  RunInfo(**info))
+                                  RunInfo(**info, drop_last=True))
     with pytest.raises(ValueError, match="num_clusters"):
-        DeepClusterV2.from_config({**params, "num_clusters": [300]}, RunInfo(**info))
+        DeepClusterV2.from_config({**params, "num_clusters": [300]}, RunInfo(**info, drop_last=True))
     with pytest.raises(ValueError, match="crops_for_mb"):
         DeepClusterV2.from_config({**params, "memory_params": {"crops_for_mb": [2], "embedding_dim": D}},
-                                  RunInfo(**info))
+                                  RunInfo(**info, drop_last=True))

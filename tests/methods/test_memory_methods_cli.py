@@ -5,13 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
+from fastssl.builder import build_method, build_run_model, derive, resolve_head_params, run_info
 from fastssl.checkpoint import latest_checkpoint, load_checkpoint
 from fastssl.config import compose_config
-from fastssl.methods import METHODS, RunInfo
-from fastssl.train import build_run_model, main, resolve_head_params
-from loaders.recipe import recipe_from_transforms
+from fastssl.train import main
 
 IMAGENET_SAMPLES = 1281167
 
@@ -47,15 +45,11 @@ def build_on_meta(cfg):
     world = cfg.DISTRIBUTED.NUM_NODES * cfg.DISTRIBUTED.NUM_PROC_PER_NODE
     batch = cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA
     steps = IMAGENET_SAMPLES // (world * batch)
-    recipe = recipe_from_transforms(OmegaConf.to_container(cfg.DATA.TRAIN.TRANSFORMS))
+    derived = derive(cfg, world_size=world, num_samples=IMAGENET_SAMPLES, iterations_per_epoch=steps)
     head_params = resolve_head_params(cfg)
-    run = RunInfo(rank=0, world_size=world, batch_size_per_replica=batch, global_batch_size=world * batch,
-                  num_crops=recipe.total_num_crops, num_train_samples=IMAGENET_SAMPLES, iterations_per_epoch=steps,
-                  total_iterations=steps * cfg.OPTIMIZER.num_epochs, output_dir="", device=torch.device("meta"),
-                  head_params=head_params, drop_last=cfg.DATA.TRAIN.DROP_LAST)
-    params = OmegaConf.to_container(cfg.LOSS[cfg.LOSS.name])
     model = build_run_model(cfg, head_params=head_params, on_meta=True)
-    return model, METHODS[cfg.LOSS.name].from_config(params, run)
+    return model, build_method(cfg, run_info(cfg, derived, rank=0, device=torch.device("meta"),
+                                             head_params=head_params))
 
 
 @pytest.mark.parametrize("config,overrides", SEED_COMMANDS, ids=lambda o: " ".join(o)[-60:] if isinstance(o, list)

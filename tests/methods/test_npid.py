@@ -141,7 +141,7 @@ def test_gradient_reaches_the_embedding_and_not_the_bank():
 
 def run_info(**overrides):
     values = dict(rank=0, world_size=1, batch_size_per_replica=B, global_batch_size=B, num_crops=1,
-                  num_train_samples=N, iterations_per_epoch=N // B, total_iterations=N // B, output_dir="",
+                  num_train_samples=N, iterations_per_epoch=N // B, total_iterations=N // B, drop_last=True,
                   device=torch.device("cpu"), head_params=[["mlp", {"dims": [16, D]}]])
     values.update(overrides)
     return RunInfo(**values)

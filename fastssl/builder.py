@@ -1,0 +1,406 @@
+"""The run builder: turns a composed config into the run's objects, in one visible place.
+
+Used by ``fastssl-train``, ``fastssl-eval`` and the benchmarks alike; with fastssl/config.py it is the
+only module that reads the config (STYLE.md, "Configuration"). Everything below it is called with
+explicit keyword arguments. Derived values (dataset size, global batch, scaled LR, iterations) are
+computed in ``derive`` and logged once.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from loaders.build import build_eval_loader, build_train_loader
+from loaders.recipe import MultiCropRecipe, recipe_from_transforms
+
+from . import dist, launch
+from .checkpoint import TrainingCheckpoint
+from .config import ConfigError
+from .engine import LoopSettings
+from .metrics import RunLogger
+from .methods import METHODS, Method, RunInfo
+from .models import build_model, build_trunk, fit_head_to_trunk
+from .models.model import SSLModel
+from .optim import build_optimizer, precompute_schedule, scale_lr_schedule
+
+
+def notice(message: str) -> None:
+    """A one-line message to the user, printed once per job (by the first worker only)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"fastssl: {message}", file=sys.stderr, flush=True)
+
+
+def config_from_checkpoint(saved: dict) -> DictConfig:
+    """A checkpoint's own config, as composed and validated when it was trained."""
+    return OmegaConf.create(saved["config"])
+
+
+# ---------------- machine and processes ----------------------------------------------------------
+
+def plan_processes(cfg: DictConfig) -> launch.LaunchPlan:
+    """Run here, or spawn DISTRIBUTED.NUM_PROC_PER_NODE workers (see launch.plan_launch)."""
+    distributed = cfg.DISTRIBUTED
+    gpus = torch.cuda.device_count() if cfg.MACHINE.DEVICE == "gpu" and torch.cuda.is_available() else None
+    return launch.plan_launch(num_nodes=distributed.NUM_NODES, num_proc_per_node=distributed.NUM_PROC_PER_NODE,
+                              run_id=distributed.RUN_ID, environ=dict(os.environ), gpus_visible=gpus)
+
+
+def start_process_group(cfg: DictConfig, info: dist.DistInfo, device: torch.device) -> dist.StopOnSignal:
+    """Join the run's process group and install the stop-on-signal vote (see dist.StopOnSignal).
+
+    DISTRIBUTED.TIMEOUT_SECONDS bounds the wait of the ranks left in a collective when another one dies
+    outside fastssl's launcher. Call before the loader forks its workers, so that they inherit the handler.
+    """
+    dist.init_process_group(info, backend=cfg.DISTRIBUTED.BACKEND, init_method=cfg.DISTRIBUTED.INIT_METHOD,
+                            device=device, timeout_s=cfg.DISTRIBUTED.TIMEOUT_SECONDS)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return dist.StopOnSignal(check_every=cfg.LOG_FREQUENCY, group=dist.control_group(device))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def select_device(cfg: DictConfig, info: dist.DistInfo) -> torch.device:
+    if cfg.MACHINE.DEVICE == "gpu":
+        if torch.cuda.is_available():
+            # A launcher that gives each worker one GPU (srun --gpus-per-task=1) leaves it index 0.
+            index = 0 if torch.cuda.device_count() == 1 else info.local_rank
+            torch.cuda.set_device(index)
+            return torch.device("cuda", index)
+        notice("MACHINE.DEVICE=gpu but no CUDA device is visible: training on the CPU")
+    elif cfg.MACHINE.DEVICE != "cpu":
+        raise ConfigError(f"config.MACHINE.DEVICE must be gpu or cpu, got {cfg.MACHINE.DEVICE!r}")
+    return torch.device("cpu")
+
+
+def select_amp(cfg: DictConfig, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """The autocast dtype (None: full precision) and whether a GradScaler is needed (fp16 only)."""
+    amp = cfg.MODEL.AMP_PARAMS
+    if not amp.USE_AMP:
+        return None, False
+    if amp.AMP_TYPE == "apex" or amp.AMP_ARGS.opt_level not in (None, "O1"):
+        notice(f"Apex AMP (opt_level {amp.AMP_ARGS.opt_level}) is mapped to native torch.autocast")
+    if device.type != "cuda":
+        notice("MODEL.AMP_PARAMS.USE_AMP is ignored on the CPU: training in float32")
+        return None, False
+    choice = amp.AMP_DTYPE
+    if choice == "auto":
+        choice = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if choice not in ("bfloat16", "float16"):
+        raise ConfigError(f"config.MODEL.AMP_PARAMS.AMP_DTYPE must be auto, bfloat16 or float16, got {choice!r}")
+    return getattr(torch, choice), choice == "float16"
+
+
+# ---------------- data ---------------------------------------------------------------------------
+
+def data_source(cfg: DictConfig) -> tuple[str, str | None]:
+    """(DATA.TRAIN's source, its path or None); a source without a path is the built-in dataset."""
+    train_cfg = cfg.DATA.TRAIN
+    sources = list(train_cfg.DATA_SOURCES) or ["synthetic"]
+    if len(sources) != 1:
+        raise ConfigError("config.DATA.TRAIN.DATA_SOURCES takes one source")
+    source, paths = sources[0], list(train_cfg.DATA_PATHS)
+    if source not in ("synthetic", "disk_folder", "ffcv"):
+        raise ConfigError(f"config.DATA.TRAIN.DATA_SOURCES: unknown source {source!r} (synthetic, disk_folder, ffcv)")
+    if source != "synthetic" and not paths:
+        notice(f"DATA_SOURCES=[{source}] but no DATA_PATHS given: using the built-in synthetic dataset")
+        source = "synthetic"
+    return source, (paths[0] if paths and source != "synthetic" else None)
+
+
+def synthetic_params(cfg: DictConfig) -> dict:
+    synthetic = cfg.DATA.TRAIN.SYNTHETIC
+    return {"root": synthetic.ROOT or None, "image_size": synthetic.IMAGE_SIZE,
+            "train_per_class": synthetic.TRAIN_PER_CLASS, "val_per_class": synthetic.VAL_PER_CLASS}
+
+
+def recipe(cfg: DictConfig) -> MultiCropRecipe:
+    return recipe_from_transforms(OmegaConf.to_container(cfg.DATA.TRAIN.TRANSFORMS))
+
+
+def backend_options(cfg: DictConfig) -> dict:
+    """DATA.TRAIN.DALI / FFCV as keyword arguments of the chosen loader backend."""
+    train_cfg = cfg.DATA.TRAIN
+    if train_cfg.LOADER in ("dali", "ffcv"):
+        options = train_cfg.DALI if train_cfg.LOADER == "dali" else train_cfg.FFCV
+        return {key.lower(): value for key, value in OmegaConf.to_container(options).items()}
+    return {}
+
+
+def build_train_data(cfg: DictConfig, *, rank: int, world_size: int, device: torch.device, dtype: torch.dtype):
+    """The multi-crop training loader of this rank (DATA.TRAIN, DATA.NUM_DATALOADER_WORKERS)."""
+    source, data_path = data_source(cfg)
+    train_cfg = cfg.DATA.TRAIN
+    loader = build_train_loader(
+        source=source, data_path=data_path, backend=train_cfg.LOADER, recipe=recipe(cfg),
+        batch_size=train_cfg.BATCHSIZE_PER_REPLICA, num_workers=cfg.DATA.NUM_DATALOADER_WORKERS,
+        drop_last=train_cfg.DROP_LAST, data_limit=train_cfg.DATA_LIMIT, seed=cfg.SEED_VALUE, rank=rank,
+        world_size=world_size, device=device, dtype=dtype, channels_last=cfg.MODEL.CHANNELS_LAST,
+        synthetic_params=synthetic_params(cfg), backend_options=backend_options(cfg))
+    if len(loader) == 0:
+        raise ConfigError(f"{loader.num_samples} training samples make no full batch of "
+                          f"{train_cfg.BATCHSIZE_PER_REPLICA} per replica x {world_size}")
+    return loader
+
+
+def build_eval_data(cfg: DictConfig, *, split: str, data_path: str | None, image_size: int, batch_size: int,
+                    num_workers: int, device: torch.device):
+    """One centre crop per image of ``split`` (train / val), in dataset order, normalised as in training.
+
+    data_path: an image folder of that split; None: the training source's (for train), the built-in
+    dataset's held-out split (for val). image_size 0: the recipe's first crop size.
+    """
+    source, train_path = data_source(cfg)
+    run_recipe = recipe(cfg)
+    if data_path is None and split == "train":
+        data_path = train_path
+    if data_path is not None and source == "synthetic":
+        source = "disk_folder"
+    return build_eval_loader(source=source, data_path=data_path, split=split,
+                             image_size=image_size or run_recipe.size_crops[0], batch_size=batch_size,
+                             num_workers=num_workers, data_limit=-1, device=device, dtype=torch.float32,
+                             synthetic_params=synthetic_params(cfg), mean=run_recipe.mean, std=run_recipe.std)
+
+
+# ---------------- derived values ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Derived:
+    """Every value computed from the config and the run, in one place (logged once)."""
+
+    world_size: int
+    batch_size_per_replica: int
+    global_batch_size: int
+    num_train_samples: int
+    iterations_per_epoch: int
+    total_iterations: int
+    num_crops: int
+    crop_sizes: list
+    lr_schedule: np.ndarray  # (total_iterations,)
+
+    def summary(self) -> str:
+        lr = self.lr_schedule
+        return (f"world size {self.world_size}, batch {self.batch_size_per_replica} per replica "
+                f"({self.global_batch_size} global), {self.num_train_samples} training samples, "
+                f"{self.iterations_per_epoch} iterations per epoch ({self.total_iterations} in all), "
+                f"crops {self.crop_sizes}, lr start {lr[0]:.4g} peak {lr.max():.4g} end {lr[-1]:.4g}")
+
+
+def derive(cfg: DictConfig, *, world_size: int, num_samples: int, iterations_per_epoch: int) -> Derived:
+    optim_cfg = cfg.OPTIMIZER
+    batch = cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA
+    global_batch = batch * world_size
+    run_recipe = recipe(cfg)
+    lr_spec = OmegaConf.to_container(optim_cfg.param_schedulers.lr)
+    scaling = lr_spec.pop("auto_lr_scaling")
+    update_interval = lr_spec.pop("update_interval")
+    if scaling["auto_scale"]:
+        lr_spec = scale_lr_schedule(lr_spec, base_value=scaling["base_value"],
+                                    base_lr_batch_size=scaling["base_lr_batch_size"], global_batch=global_batch,
+                                    batch_per_node=batch * cfg.DISTRIBUTED.NUM_PROC_PER_NODE)
+    total = optim_cfg.num_epochs * iterations_per_epoch
+    if total <= 0:
+        raise ConfigError(f"config.OPTIMIZER.num_epochs={optim_cfg.num_epochs} leaves nothing to train")
+    lr = precompute_schedule(lr_spec, total_steps=total, steps_per_epoch=iterations_per_epoch,
+                             update_interval=update_interval)
+    return Derived(world_size=world_size, batch_size_per_replica=batch, global_batch_size=global_batch,
+                   num_train_samples=num_samples, iterations_per_epoch=iterations_per_epoch,
+                   total_iterations=total, num_crops=run_recipe.total_num_crops,
+                   crop_sizes=run_recipe.crop_sizes, lr_schedule=lr)
+
+
+# ---------------- model --------------------------------------------------------------------------
+
+def _regnet_params(cfg: DictConfig) -> dict:
+    return {k: v for k, v in OmegaConf.to_container(cfg.MODEL.TRUNK.REGNET).items() if v is not None}
+
+
+def resolve_head_params(cfg: DictConfig) -> list:
+    """MODEL.HEAD.PARAMS fitted to the run: the first head's input follows the trunk's feature_dim, and
+    the last head's output follows LOSS.<name>.memory_params.embedding_dim where the loss sets one
+    (the DeepClusterV2 page changes the projection with that key). A notice says what changed."""
+    trunk = cfg.MODEL.TRUNK
+    with torch.device("meta"):
+        feature_dim = build_trunk(trunk.NAME, resnet=OmegaConf.to_container(trunk.RESNETS),
+                                  regnet=_regnet_params(cfg)).feature_dim
+    head_params, changed = fit_head_to_trunk(OmegaConf.to_container(cfg.MODEL.HEAD.PARAMS), feature_dim)
+    if changed:
+        notice(f"MODEL.HEAD.PARAMS[0] dims[0] set to the trunk's feature_dim {feature_dim}")
+    loss = cfg.LOSS.get(cfg.LOSS.name) or {}
+    embedding_dim = (loss.get("memory_params") or {}).get("embedding_dim")
+    if embedding_dim is not None and head_params and head_params[-1][1]["dims"][-1] != embedding_dim:
+        name, kwargs = head_params[-1]
+        head_params = [*head_params[:-1], [name, {**kwargs, "dims": [*kwargs["dims"][:-1], embedding_dim]}]]
+        notice(f"MODEL.HEAD.PARAMS[-1] output dim set to LOSS.{cfg.LOSS.name}.memory_params.embedding_dim "
+               f"{embedding_dim}")
+    return head_params
+
+
+def build_run_model(cfg: DictConfig, *, head_params: list, on_meta: bool = False) -> SSLModel:
+    """MODEL.TRUNK + the resolved heads, on the meta device when asked (for checks of huge models)."""
+    trunk = cfg.MODEL.TRUNK
+    with torch.device("meta") if on_meta else contextlib.nullcontext():
+        return build_model(trunk_name=trunk.NAME, resnet=OmegaConf.to_container(trunk.RESNETS),
+                           regnet=_regnet_params(cfg), alexnet=None, head_params=head_params,
+                           channels_last=cfg.MODEL.CHANNELS_LAST)
+
+
+def frozen_parameters(cfg: DictConfig, model: torch.nn.Module) -> list:
+    """MODEL.TEMP_FROZEN_PARAMS_ITER_MAP -> [([param], until_step)]; VISSL's names are accepted."""
+    named = dict(model.named_parameters())
+    frozen = []
+    for name, iterations in OmegaConf.to_container(cfg.MODEL.TEMP_FROZEN_PARAMS_ITER_MAP):
+        ours = re.sub(r"prototypes(\d+)", r"prototypes.\1", re.sub(r"^(module\.)", "", name))
+        if ours not in named:
+            raise ConfigError(f"config.MODEL.TEMP_FROZEN_PARAMS_ITER_MAP names {name!r}, which is not a parameter "
+                              f"of this model (e.g. {next(iter(named))!r})")
+        frozen.append(([named[ours]], int(iterations)))
+    return frozen
+
+
+# ---------------- method -------------------------------------------------------------------------
+
+def run_info(cfg: DictConfig, derived: Derived, *, rank: int, device: torch.device, head_params: list,
+             autocast_dtype: torch.dtype | None = None, process_group=None) -> RunInfo:
+    return RunInfo(rank=rank, world_size=derived.world_size, batch_size_per_replica=derived.batch_size_per_replica,
+                   global_batch_size=derived.global_batch_size, num_crops=derived.num_crops,
+                   num_train_samples=derived.num_train_samples, iterations_per_epoch=derived.iterations_per_epoch,
+                   total_iterations=derived.total_iterations, device=device, head_params=head_params,
+                   drop_last=cfg.DATA.TRAIN.DROP_LAST, autocast_dtype=autocast_dtype, process_group=process_group)
+
+
+def _inferred_loss_keys(run: RunInfo, *, queue_length: int, checkpoint_dir: str) -> dict[str, dict[str, object]]:
+    """LOSS keys that VISSL infers from the run whatever the config says (vissl/utils/hydra_config.py), with
+    the values fastssl infers; dotted keys are nested."""
+    head = run.head_params[-1][1] if run.head_params else {}
+    queue_per_rank = (queue_length - queue_length % run.global_batch_size) // run.world_size
+    return {
+        "swav_loss": {"num_crops": run.num_crops, "embedding_dim": (head.get("dims") or [None])[-1],
+                      "num_prototypes": head.get("num_clusters"), "output_dir": checkpoint_dir,
+                      "queue.local_queue_length": queue_per_rank},
+        "deepclusterv2_loss": {"num_crops": run.num_crops, "BATCHSIZE_PER_REPLICA": run.batch_size_per_replica,
+                               "DROP_LAST": run.drop_last, "num_train_samples": run.num_train_samples},
+        "nce_loss_with_memory": {"num_train_samples": run.num_train_samples},
+    }
+
+
+def build_method(cfg: DictConfig, run: RunInfo) -> Method:
+    """LOSS.name's method from LOSS.<name>. Keys that VISSL infers (num_crops, num_train_samples, ...) may
+    be set in a config, as VISSL's own files do; the inferred value is used, with a notice if they differ."""
+    name = cfg.LOSS.name
+    if name not in METHODS:
+        raise ConfigError(f"config.LOSS.name {name!r} is not one of {sorted(METHODS)}")
+    params = OmegaConf.to_container(cfg.LOSS[name]) if name in cfg.LOSS else {}
+    inferred_keys = _inferred_loss_keys(run, queue_length=(params.get("queue") or {}).get("queue_length", 0),
+                                        checkpoint_dir=str(Path(cfg.CHECKPOINT.DIR).resolve()))
+    for key, inferred in inferred_keys.get(name, {}).items():
+        *parents, leaf = key.split(".")
+        node = params
+        for parent in parents:
+            node = node[parent]
+        given = node.pop(leaf, None)
+        if given is not None and given != inferred:
+            notice(f"config.LOSS.{name}.{key}={given} is inferred from the run: using {inferred}")
+    return METHODS[name].from_config(params, run).to(run.device)
+
+
+def build_optimizer_for(cfg: DictConfig, model: torch.nn.Module):
+    optim_cfg = cfg.OPTIMIZER
+    return build_optimizer(model, name=optim_cfg.name, momentum=optim_cfg.momentum, nesterov=optim_cfg.nesterov,
+                           weight_decay=optim_cfg.weight_decay, regularize_bn=optim_cfg.regularize_bn,
+                           regularize_bias=optim_cfg.regularize_bias, use_larc=optim_cfg.use_larc,
+                           larc_clip=optim_cfg.larc_config.clip,
+                           larc_trust_coefficient=optim_cfg.larc_config.trust_coefficient,
+                           larc_eps=optim_cfg.larc_config.eps)
+
+
+# ---------------- the whole run --------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """Everything the loop needs, built from one config for one rank."""
+
+    device: torch.device
+    loader: object
+    derived: Derived
+    model: SSLModel            # the plain module (checkpointed)
+    trained_model: torch.nn.Module  # what the step runs: the module, or its DDP / compiled wrapper
+    method: Method
+    optimizer: object
+    scaler: torch.amp.GradScaler | None
+    checkpoint: TrainingCheckpoint
+    settings: LoopSettings
+    auto_resume: bool          # CHECKPOINT.AUTO_RESUME: continue from the latest checkpoint of the directory
+    logger_options: dict       # RunLogger's keyword arguments but the start step
+
+    def logger(self, *, start_step: int) -> RunLogger:
+        return RunLogger(**self.logger_options, total_steps=self.derived.total_iterations, start_step=start_step)
+
+
+def build_model_for_rank(cfg: DictConfig, *, head_params: list, info: dist.DistInfo,
+                         device: torch.device) -> SSLModel:
+    """The model on the device, with SyncBatchNorm over MODEL.SYNC_BN_CONFIG's groups where asked."""
+    model = build_run_model(cfg, head_params=head_params).to(device)
+    sync_bn = cfg.MODEL.SYNC_BN_CONFIG
+    if sync_bn.CONVERT_BN_TO_SYNC_BN and sync_bn.SYNC_BN_TYPE == "apex":
+        notice("SYNC_BN_TYPE apex is mapped to torch.nn.SyncBatchNorm")
+    if sync_bn.CONVERT_BN_TO_SYNC_BN and info.world_size > 1:  # on one process SyncBN is plain BN
+        bn_group = dist.sync_bn_process_group(rank=info.rank, world_size=info.world_size,
+                                              local_world_size=info.local_world_size, group_size=sync_bn.GROUP_SIZE)
+        model = dist.convert_sync_batchnorm(model, process_group=bn_group, device=device)
+    return model
+
+
+def build_run(cfg: DictConfig, *, info: dist.DistInfo, device: torch.device, stop_requested) -> Run:
+    """Data, derived values, model, method, optimizer, checkpointing and loop settings for this rank.
+    Seeds every random stream first (SEED_VALUE + rank)."""
+    seed_everything(cfg.SEED_VALUE + info.rank)
+    autocast_dtype, needs_scaler = select_amp(cfg, device)
+    loader = build_train_data(cfg, rank=info.rank, world_size=info.world_size, device=device,
+                              dtype=autocast_dtype or torch.float32)
+    derived = derive(cfg, world_size=info.world_size, num_samples=loader.num_samples,
+                     iterations_per_epoch=len(loader))
+    checkpoint_dir = Path(cfg.CHECKPOINT.DIR).resolve()
+    notice(f"derived: {derived.summary()}; device {device}, amp {autocast_dtype}, checkpoints {checkpoint_dir}")
+
+    head_params = resolve_head_params(cfg)
+    model = build_model_for_rank(cfg, head_params=head_params, info=info, device=device)
+    method = build_method(cfg, run_info(cfg, derived, rank=info.rank, device=device, head_params=head_params,
+                                        autocast_dtype=autocast_dtype, process_group=dist.global_group()))
+    method.bind(model)
+    notice(f"method {cfg.LOSS.name}: {method.describe()}")
+    optimizer = build_optimizer_for(cfg, model)
+    scaler = torch.amp.GradScaler(device.type) if needs_scaler else None
+    trained_model = dist.wrap_ddp(model, device=device) if info.world_size > 1 else model
+    if cfg.MODEL.TORCH_COMPILE:
+        trained_model = torch.compile(trained_model)
+
+    checkpoint = TrainingCheckpoint(
+        directory=checkpoint_dir, rank=info.rank, model=model, optimizer=optimizer, scaler=scaler, method=method,
+        extra_state={"config": OmegaConf.to_container(cfg), "derived_world_size": info.world_size,
+                     "head_params": head_params})  # as built: fitted to the trunk and the loss
+    settings = LoopSettings(
+        num_epochs=cfg.OPTIMIZER.num_epochs, steps_per_epoch=derived.iterations_per_epoch,
+        lr_schedule=derived.lr_schedule, autocast_dtype=autocast_dtype, log_frequency=cfg.LOG_FREQUENCY,
+        checkpoint_every_epochs=cfg.CHECKPOINT.CHECKPOINT_FREQUENCY,
+        checkpoint_every_steps=cfg.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY, frozen_params=frozen_parameters(cfg, model),
+        rank=info.rank, images_per_step=derived.global_batch_size, stop_requested=stop_requested)
+    logger_options = dict(directory=checkpoint_dir, enabled=info.is_main,
+                          use_tensorboard=cfg.HOOKS.TENSORBOARD_SETUP.USE_TENSORBOARD,
+                          progress_bar=cfg.HOOKS.PROGRESS_BAR and sys.stdout.isatty())
+    return Run(device=device, loader=loader, derived=derived, model=model, trained_model=trained_model, method=method,
+               optimizer=optimizer, scaler=scaler, checkpoint=checkpoint, settings=settings,
+               auto_resume=cfg.CHECKPOINT.AUTO_RESUME, logger_options=logger_options)
