@@ -324,7 +324,8 @@ def build_optimizer_for(cfg: DictConfig, model: torch.nn.Module):
                            regularize_bias=optim_cfg.regularize_bias, use_larc=optim_cfg.use_larc,
                            larc_clip=optim_cfg.larc_config.clip,
                            larc_trust_coefficient=optim_cfg.larc_config.trust_coefficient,
-                           larc_eps=optim_cfg.larc_config.eps)
+                           larc_eps=optim_cfg.larc_config.eps, eta=optim_cfg.eta,
+                           exclude_bias_and_norm=optim_cfg.exclude_bias_and_norm)
 
 
 # ---------------- the whole run --------------------------------------------------------------------
@@ -352,8 +353,9 @@ class Run:
 
 def build_model_for_rank(cfg: DictConfig, *, head_params: list, info: dist.DistInfo,
                          device: torch.device) -> SSLModel:
-    """The model on the device, with SyncBatchNorm over MODEL.SYNC_BN_CONFIG's groups where asked."""
-    model = build_run_model(cfg, head_params=head_params).to(device)
+    """The model with SyncBatchNorm over MODEL.SYNC_BN_CONFIG's groups where asked, then on the device (the
+    wrapping order of byol.txt point 6: SyncBN conversion, device, autocast (the loop's), DDP (build_run))."""
+    model = build_run_model(cfg, head_params=head_params)
     sync_bn = cfg.MODEL.SYNC_BN_CONFIG
     if sync_bn.CONVERT_BN_TO_SYNC_BN and sync_bn.SYNC_BN_TYPE == "apex":
         notice("SYNC_BN_TYPE apex is mapped to torch.nn.SyncBatchNorm")
@@ -361,7 +363,7 @@ def build_model_for_rank(cfg: DictConfig, *, head_params: list, info: dist.DistI
         bn_group = dist.sync_bn_process_group(rank=info.rank, world_size=info.world_size,
                                               local_world_size=info.local_world_size, group_size=sync_bn.GROUP_SIZE)
         model = dist.convert_sync_batchnorm(model, process_group=bn_group, device=device)
-    return model
+    return model.to(device)
 
 
 def build_run(cfg: DictConfig, *, info: dist.DistInfo, device: torch.device, stop_requested) -> Run:

@@ -10,13 +10,14 @@ from torch import nn
 _NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
 
-def parameter_groups(model: nn.Module, *, weight_decay: float, regularize_bn: bool,
-                     regularize_bias: bool) -> list[dict]:
-    """Split parameters into weight-decayed and not, as VISSL's regularize_bn / regularize_bias do.
+def parameter_groups(model: nn.Module, *, weight_decay: float, regularize_bn: bool, regularize_bias: bool,
+                     exclude_bias_and_norm: bool) -> list[dict]:
+    """Split parameters as VISSL does: weight-decayed or not (regularize_bn / regularize_bias), and for
+    LARS adapted or not (exclude_bias_and_norm: biases and normalisation layers keep their plain step).
 
-    Returns param groups for torch.optim.SGD.
+    Returns param groups for torch.optim.SGD or LARS; each carries an ``adapt`` flag (read by LARS).
     """
-    decay, no_decay = [], []
+    groups: dict[tuple[bool, bool], list] = {}
     seen = set()
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
@@ -25,14 +26,47 @@ def parameter_groups(model: nn.Module, *, weight_decay: float, regularize_bn: bo
             seen.add(id(param))
             is_bn = isinstance(module, _NORM_LAYERS)
             is_bias = name == "bias"
-            if (is_bn and not regularize_bn) or (is_bias and not regularize_bias):
-                no_decay.append(param)
-            else:
-                decay.append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+            decayed = not ((is_bn and not regularize_bn) or (is_bias and not regularize_bias))
+            adapted = not (exclude_bias_and_norm and (is_bn or is_bias))
+            groups.setdefault((decayed, adapted), []).append(param)
+    order = [(True, True), (False, True), (True, False), (False, False)]
+    return [{"params": groups.get(key, []), "weight_decay": weight_decay if key[0] else 0.0, "adapt": key[1]}
+            for key in order if key in groups or key == (True, True)]
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017) as BYOL trains with it (byol.txt, point 5; VISSL's ``lars``):
+
+        g' = g + wd * w;  trust = eta * ||w|| / ||g'|| (1 where either norm is 0);
+        mu <- momentum * mu + trust * g';  w <- w - lr * mu.
+
+    Parameters of a group with ``adapt`` False (biases and BatchNorm with exclude_bias_and_norm) take
+    the plain momentum step (trust 1); their weight decay is the group's (0 when regularize_bn /
+    regularize_bias are off, as the BYOL recipe sets). No host synchronisation (torch.where).
+    """
+
+    def __init__(self, params, *, momentum: float, eta: float):
+        super().__init__(params, {"lr": 0.0, "momentum": momentum, "eta": eta, "weight_decay": 0.0, "adapt": True})
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad.add(p, alpha=group["weight_decay"])
+                if group["adapt"]:
+                    param_norm = torch.linalg.vector_norm(p)
+                    update_norm = torch.linalg.vector_norm(update)
+                    trust = torch.where((param_norm > 0) & (update_norm > 0),
+                                        group["eta"] * param_norm / update_norm, torch.ones_like(param_norm))
+                    update.mul_(trust)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buffer = state["momentum_buffer"]
+                buffer.mul_(group["momentum"]).add_(update)
+                p.add_(buffer, alpha=-group["lr"])
 
 
 class LARC:
@@ -89,12 +123,20 @@ class LARC:
 
 def build_optimizer(model: nn.Module, *, name: str, momentum: float, nesterov: bool, weight_decay: float,
                     regularize_bn: bool, regularize_bias: bool, use_larc: bool, larc_clip: bool,
-                    larc_trust_coefficient: float, larc_eps: float):
-    """SGD (optionally wrapped in LARC) over VISSL's parameter groups. The LR is set per step by the loop."""
-    if name != "sgd":
-        raise ValueError(f"optimizer {name!r} is not supported (sgd only, as VISSL's LARC recipes)")
+                    larc_trust_coefficient: float, larc_eps: float, eta: float, exclude_bias_and_norm: bool):
+    """SGD (optionally wrapped in LARC, VISSL's SwAV recipes) or LARS (BYOL) over VISSL's parameter groups.
+    The LR is set per step by the loop."""
+    if name not in ("sgd", "lars"):
+        raise ValueError(f"config.OPTIMIZER.name {name!r} is not supported (sgd, with use_larc for LARC; lars)")
+    if name == "sgd" and exclude_bias_and_norm:
+        raise ValueError("config.OPTIMIZER.exclude_bias_and_norm applies to lars (sgd excludes with regularize_bn / "
+                         "regularize_bias, LARC adapts every parameter)")
     groups = parameter_groups(model, weight_decay=weight_decay, regularize_bn=regularize_bn,
-                              regularize_bias=regularize_bias)
+                              regularize_bias=regularize_bias, exclude_bias_and_norm=exclude_bias_and_norm)
+    if name == "lars":
+        if use_larc or nesterov:
+            raise ValueError("config.OPTIMIZER.name lars takes neither use_larc nor nesterov")
+        return LARS(groups, momentum=momentum, eta=eta)
     sgd = torch.optim.SGD(groups, lr=0.0, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
     if use_larc:
         return LARC(sgd, trust_coefficient=larc_trust_coefficient, clip=larc_clip, eps=larc_eps)

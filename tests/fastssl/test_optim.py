@@ -18,7 +18,7 @@ def test_larc_step_equals_hand_computed_step():
     lr, wd, trust, eps, momentum = 0.5, 1e-4, 0.001, 1e-8, 0.9
     optimizer = build_optimizer(layer, name="sgd", momentum=momentum, nesterov=False, weight_decay=wd,
                                 regularize_bn=True, regularize_bias=True, use_larc=True, larc_clip=False,
-                                larc_trust_coefficient=trust, larc_eps=eps)
+                                larc_trust_coefficient=trust, larc_eps=eps, eta=0.001, exclude_bias_and_norm=False)
     assert isinstance(optimizer, LARC)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -46,7 +46,8 @@ def test_larc_clip_caps_the_factor_at_one():
 
 def test_parameter_groups_respect_regularize_flags():
     model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
-    groups = parameter_groups(model, weight_decay=0.1, regularize_bn=False, regularize_bias=False)
+    groups = parameter_groups(model, weight_decay=0.1, regularize_bn=False, regularize_bias=False,
+                              exclude_bias_and_norm=False)
     decayed = {id(p) for p in groups[0]["params"]}
     assert decayed == {id(model[0].weight)}
     assert groups[1]["weight_decay"] == 0.0 and len(groups[1]["params"]) == 3
