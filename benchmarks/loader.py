@@ -86,7 +86,7 @@ class SwAVMultiCropDataset(torch.utils.data.Dataset):
 
 def _baseline_batches(*, data: Path, recipe: MultiCropRecipe, batch_size: int, num_workers: int,
                       device: torch.device, dtype: torch.dtype):
-    from loaders.convert import list_samples
+    from loaders.images import list_samples
 
     dataset = SwAVMultiCropDataset(list_samples(data, data_limit=-1).paths, recipe)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
@@ -111,7 +111,7 @@ def _backend_batches(backend: str, *, data: Path, recipe: MultiCropRecipe, batch
 
         loader = build_dali_loader(source="disk_folder", data_path=str(data), **common)
     else:
-        from loaders.convert import convert_image_folder
+        from loaders.beton import convert_image_folder
         from loaders.ffcv import build_ffcv_loader
 
         beton = scratch / f"{data.name}-jpg.beton"

@@ -11,13 +11,13 @@ Without a GPU (device 'cpu') the same pipeline runs with device_id=None and CPU 
 
 The reader's "label" is the dataset index; the real labels live in a side table on the
 device, so indices travel with the samples through any shuffling. The order is the reference
-loader's (loaders.folder.EpochBatchSampler, one permutation per epoch from (seed, epoch),
+loader's (loaders.sampler.EpochBatchSampler, one permutation per epoch from (seed, epoch),
 rank r takes positions r, r + W, ...): each epoch builds the reader over this rank's files in
 that order, so the shard is chosen here rather than by the reader's shard_id/num_shards, and
 set_epoch(epoch, start_batch) resumes exactly.
 
 Bad input: DALI stops the whole pipeline on an undecodable file, so the file list is checked
-first (loaders.convert.check_images: a parallel PIL decode, JPEGs at 1/8 scale, formats DALI
+first (loaders.images.check_images: a parallel PIL decode, JPEGs at 1/8 scale, formats DALI
 cannot decode rejected); skipped files are logged once with their names. This costs about
 one reduced decode per image at build time.
 
@@ -39,9 +39,10 @@ import numpy as np
 import torch
 
 from loaders.batch import Batch
-from loaders.convert import ImageList, check_images, list_samples
-from loaders.folder import EpochBatchSampler
+from loaders.images import ImageList, check_images, list_samples
 from loaders.recipe import MultiCropRecipe, blur_kernel_size
+from loaders.sampler import EpochBatchSampler
+from loaders.sources import resolve_image_folder
 
 try:
     import nvidia.dali.fn as fn
@@ -236,8 +237,6 @@ def build_dali_loader(
     """
     if DALI_IMPORT_ERROR is not None:
         raise ImportError(DALI_IMPORT_ERROR)
-    from loaders.build import resolve_image_folder
-
     device = torch.device(device)
     device_id = (device.index or 0) if device.type == "cuda" else None
     if device_id is not None:

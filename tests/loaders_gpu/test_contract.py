@@ -29,7 +29,7 @@ def _require(backend: str) -> None:
 @pytest.fixture(scope="session")
 def tiny_beton(tiny_folder, tmp_path_factory):
     pytest.importorskip("ffcv", reason="ffcv is not installed (pip install fastssl[ffcv])")
-    from loaders.convert import convert_image_folder
+    from loaders.beton import convert_image_folder
 
     beton = tmp_path_factory.mktemp("beton") / "tiny.beton"
     convert_image_folder(tiny_folder, beton, max_resolution=64, write_mode="proportion", jpeg_quality=90,

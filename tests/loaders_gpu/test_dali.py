@@ -10,7 +10,7 @@ from conftest import BAD_FOLDER_READABLE, BAD_FOLDER_SKIPPED
 
 pytest.importorskip("nvidia.dali", reason="dali is not installed (pip install fastssl[dali])")
 
-from loaders.convert import DatasetError  # noqa: E402
+from loaders.images import DatasetError  # noqa: E402
 from loaders.dali import build_dali_loader  # noqa: E402
 
 
