@@ -63,15 +63,14 @@ class SwAVMultiCropDataset(torch.utils.data.Dataset):
     def __init__(self, paths: list[str], recipe: MultiCropRecipe):
         self.paths = paths
         self.transforms = []
-        for crop, size in enumerate(recipe.crop_sizes):
-            group = recipe.crop_groups[crop]
+        for size, group, augmentation in zip(recipe.crop_sizes, recipe.crop_groups, recipe.augmentations):
             steps = [T.RandomResizedCrop(size, scale=recipe.crop_scales[group], ratio=recipe.crop_ratio),
-                     T.RandomHorizontalFlip(recipe.flip_p)]
-            if recipe.color_strength is not None:
-                s = recipe.color_strength
-                steps += [T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=recipe.color_p),
-                          T.RandomGrayscale(recipe.gray_p)]
-            steps += [_PilGaussianBlur(recipe.blur_p[crop], recipe.blur_sigma),
+                     T.RandomHorizontalFlip(augmentation.flip_p)]
+            if augmentation.distorts_colour:
+                jitter = T.ColorJitter(augmentation.brightness, augmentation.contrast, augmentation.saturation,
+                                       augmentation.hue)
+                steps += [T.RandomApply([jitter], p=augmentation.jitter_p), T.RandomGrayscale(augmentation.gray_p)]
+            steps += [_PilGaussianBlur(augmentation.blur_p, augmentation.blur_sigma),
                       T.ToTensor(), T.Normalize(recipe.mean, recipe.std)]
             self.transforms.append(T.Compose(steps))
 

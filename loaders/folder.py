@@ -27,7 +27,7 @@ from torchvision.transforms import InterpolationMode
 
 from loaders.batch import Batch
 from loaders.images import UnreadableImage, list_images, load_rgb
-from loaders.recipe import MultiCropRecipe, blur_kernel_size
+from loaders.recipe import CropAugmentation, MultiCropRecipe, blur_kernel_size
 from loaders.sampler import EpochBatchSampler, shard_of
 from loaders.sources import resolve_image_folder
 
@@ -146,19 +146,20 @@ def augment_crop(image: Image.Image, *, crop: int, recipe: MultiCropRecipe, rng:
         image.height, image.width, scale=recipe.crop_scales[group], ratio=recipe.crop_ratio, rng=rng
     )
     out = TF.resized_crop(image, top, left, h, w, [size, size], InterpolationMode.BILINEAR, antialias=True)
-    if rng.random() < recipe.flip_p:
+    augmentation = recipe.augmentations[crop]
+    if rng.random() < augmentation.flip_p:
         out = TF.hflip(out)
-    if recipe.color_strength is not None:
-        if rng.random() < recipe.color_p:
-            out = _color_jitter(out, strength=recipe.color_strength, rng=rng)
-        if rng.random() < recipe.gray_p:
+    if augmentation.distorts_colour:
+        if rng.random() < augmentation.jitter_p:
+            out = _color_jitter(out, augmentation=augmentation, rng=rng)
+        if rng.random() < augmentation.gray_p:
             out = TF.rgb_to_grayscale(out, num_output_channels=3)
     # From here on numpy, not torch: torch's intra-op threads cost far more than they save on
     # one small crop, and in the main process (num_workers=0) they fight the training step.
     pixels = np.asarray(out, dtype=np.float32) / 255  # (s, s, 3)
-    if rng.random() < recipe.blur_p[crop]:
-        pixels = gaussian_blur(pixels, sigma=rng.uniform(*recipe.blur_sigma), kernel_size=blur_kernel_size(size))
-    if rng.random() < recipe.solarize_p[crop]:
+    if rng.random() < augmentation.blur_p:
+        pixels = gaussian_blur(pixels, sigma=rng.uniform(*augmentation.blur_sigma), kernel_size=blur_kernel_size(size))
+    if rng.random() < augmentation.solarize_p:
         pixels = np.where(pixels >= 128 / 255, 1 - pixels, pixels)  # PIL's solarize at 128
     return to_normalized_tensor(pixels, mean=recipe.mean, std=recipe.std)
 
@@ -180,12 +181,10 @@ def to_normalized_tensor(pixels: np.ndarray, *, mean, std) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(normalized.transpose(2, 0, 1)))
 
 
-def _color_jitter(image: Image.Image, *, strength: float, rng: random.Random) -> Image.Image:
-    """ColorJitter(0.8s, 0.8s, 0.8s, 0.2s): the four ops in a random order (SimCLR appendix A)."""
-    jitter = 0.8 * strength
-    low = max(0.0, 1.0 - jitter)
-    brightness, contrast, saturation = (rng.uniform(low, 1.0 + jitter) for _ in range(3))
-    hue = rng.uniform(-0.2 * strength, 0.2 * strength)
+def _color_jitter(image: Image.Image, *, augmentation: CropAugmentation, rng: random.Random) -> Image.Image:
+    """torchvision's ColorJitter with the augmentation's ranges: the four ops in a random order."""
+    ranges = (augmentation.brightness, augmentation.contrast, augmentation.saturation, augmentation.hue)
+    brightness, contrast, saturation, hue = (rng.uniform(low, high) for low, high in ranges)
     ops = [
         lambda im: TF.adjust_brightness(im, brightness),
         lambda im: TF.adjust_contrast(im, contrast),

@@ -10,6 +10,7 @@ from PIL import Image
 
 from loaders import folder
 from loaders.folder import ImageFiles, MultiCropFolder, sample_crop_params
+from loaders.recipe import recipe_from_transforms
 
 
 def _save(path, array):
@@ -64,3 +65,19 @@ def test_numpy_blur_matches_torchvision():
     expected = TF.gaussian_blur(torch.from_numpy(pixels).permute(2, 0, 1), [7, 7], [1.3, 1.3])
     result = torch.from_numpy(folder.gaussian_blur(pixels, sigma=1.3, kernel_size=7)).permute(2, 0, 1)
     torch.testing.assert_close(result, expected, atol=1e-5, rtol=0)
+
+
+def test_each_crop_gets_its_own_probabilities(tmp_path):
+    """The reference path reads the recipe's per-crop values: BYOL's solarize p 0.0 / 0.2."""
+    for i in range(4):
+        _save(tmp_path / "flat" / f"{i}.png", np.full((20, 20, 3), 200, np.uint8))
+    recipe = recipe_from_transforms([
+        dict(name="ImgReplicatePil", num_times=2),
+        dict(name="RandomResizedCrop", size=8),
+        dict(name="ImgPilMultiCropRandomApply", prob=[0.0, 0.2], transforms=[dict(name="ImgPilRandomSolarize", p=1.0)]),
+    ])
+    dataset = MultiCropFolder(tmp_path / "flat", recipe=recipe, seed=0, data_limit=-1)
+    crops = [dataset[(index, epoch)][0] for index in range(4) for epoch in range(100)]
+    solarized = torch.tensor([[bool((crop < 100 / 255).all()) for crop in pair] for pair in crops])  # (400, 2)
+    assert not solarized[:, 0].any()
+    assert solarized[:, 1].float().mean().item() == pytest.approx(0.2, abs=4 * (0.2 * 0.8 / 400) ** 0.5)
