@@ -63,15 +63,14 @@ class SwAVMultiCropDataset(torch.utils.data.Dataset):
     def __init__(self, paths: list[str], recipe: MultiCropRecipe):
         self.paths = paths
         self.transforms = []
-        for crop, size in enumerate(recipe.crop_sizes):
-            group = recipe.crop_groups[crop]
+        for size, group, augmentation in zip(recipe.crop_sizes, recipe.crop_groups, recipe.augmentations):
             steps = [T.RandomResizedCrop(size, scale=recipe.crop_scales[group], ratio=recipe.crop_ratio),
-                     T.RandomHorizontalFlip(recipe.flip_p)]
-            if recipe.color_strength is not None:
-                s = recipe.color_strength
-                steps += [T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=recipe.color_p),
-                          T.RandomGrayscale(recipe.gray_p)]
-            steps += [_PilGaussianBlur(recipe.blur_p[crop], recipe.blur_sigma),
+                     T.RandomHorizontalFlip(augmentation.flip_p)]
+            if augmentation.distorts_colour:
+                jitter = T.ColorJitter(augmentation.brightness, augmentation.contrast, augmentation.saturation,
+                                       augmentation.hue)
+                steps += [T.RandomApply([jitter], p=augmentation.jitter_p), T.RandomGrayscale(augmentation.gray_p)]
+            steps += [_PilGaussianBlur(augmentation.blur_p, augmentation.blur_sigma),
                       T.ToTensor(), T.Normalize(recipe.mean, recipe.std)]
             self.transforms.append(T.Compose(steps))
 
@@ -86,7 +85,7 @@ class SwAVMultiCropDataset(torch.utils.data.Dataset):
 
 def _baseline_batches(*, data: Path, recipe: MultiCropRecipe, batch_size: int, num_workers: int,
                       device: torch.device, dtype: torch.dtype):
-    from loaders.convert import list_samples
+    from loaders.images import list_samples
 
     dataset = SwAVMultiCropDataset(list_samples(data, data_limit=-1).paths, recipe)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
@@ -111,7 +110,7 @@ def _backend_batches(backend: str, *, data: Path, recipe: MultiCropRecipe, batch
 
         loader = build_dali_loader(source="disk_folder", data_path=str(data), **common)
     else:
-        from loaders.convert import convert_image_folder
+        from loaders.beton import convert_image_folder
         from loaders.ffcv import build_ffcv_loader
 
         beton = scratch / f"{data.name}-jpg.beton"

@@ -20,10 +20,11 @@ Crop and resize (torchvision's RandomResizedCrop, antialiased bilinear):
   Accelerators: one roi_align per crop group (sampling_ratio=-1: ceil(box / output) bilinear
       samples per output pixel, a box filter that antialiases down-scaled crops).
 
-Colour (SimCLR's ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) in a random order per image, then
-RandomGrayscale): brightness, contrast, saturation and grayscale are affine maps of RGB, and
-the hue shift is approximated by a rotation about the grey axis, so the whole distortion of
-one image composes into one 3x3 matrix and offset, applied in one pass with one final clamp.
+Colour (torchvision's ColorJitter with the recipe's ranges, its ops in a random order per image,
+then RandomGrayscale; SimCLR's colour distortion is one setting of them): brightness, contrast,
+saturation and grayscale are affine maps of RGB, and the hue shift is approximated by a rotation
+about the grey axis, so the whole distortion of one image composes into one 3x3 matrix and
+offset, applied in one pass with one final clamp.
 Two documented differences from torchvision's per-op definitions, both tested:
   - hue: a rotation about the (1, 1, 1) axis, not HSV's hexcone; on photographs, for shifts up
     to 0.2 turn, the mean absolute difference is <= 0.04 and the 99th percentile <= 0.15 (of
@@ -99,9 +100,17 @@ class DeviceMultiCrop:
         mean = torch.tensor(recipe.mean, device=self.device)
         std = torch.tensor(recipe.std, device=self.device)
         self.scale, self.shift = 1 / std, -mean / std
-        # Per-crop probabilities made once on the device: no host-to-device copy per batch.
-        self.blur_p = torch.tensor(recipe.blur_p, device=self.device)
-        self.solarize_p = torch.tensor(recipe.solarize_p, device=self.device)
+        # The recipe's per-crop values, (C, ...) tensors made once on the device: no host-to-device
+        # copy per batch.
+        crops = recipe.augmentations
+        on_device = partial(torch.tensor, device=self.device)
+        self.flip_p = on_device([a.flip_p for a in crops])  # (C,)
+        self.jitter_p = on_device([a.jitter_p for a in crops])  # (C,)
+        self.jitter_ranges = on_device([(a.brightness, a.contrast, a.saturation, a.hue) for a in crops])  # (C, 4, 2)
+        self.gray_p = on_device([a.gray_p for a in crops])  # (C,)
+        self.blur_p = on_device([a.blur_p for a in crops])  # (C,)
+        self.blur_sigma = on_device([a.blur_sigma for a in crops])  # (C, 2)
+        self.solarize_p = on_device([a.solarize_p for a in crops])  # (C,)
         self._pool: ThreadPoolExecutor | None = None  # the CPU path's threads, made on first use
         self._pool_threads = 0
         self._outputs: dict[int, list[tuple[torch.Tensor, int]]] = {}  # CPU: group -> [(buffer, idle use count)]
@@ -140,20 +149,23 @@ class DeviceMultiCrop:
         rows = count * batch
         boxes = sample_crop_boxes(sizes.repeat(count, 1), scale=recipe.crop_scales[group], ratio=recipe.crop_ratio,
                                   generator=generator)
-        flip = _draw(rows, recipe.flip_p, generator)
+        augmentations = recipe.augmentations[crop_slice]  # Python values, for branching without a sync
+        flip = _draw_per_crop(self.flip_p[crop_slice], batch, generator)
         color_matrix = color_pivot = None
-        if recipe.color_strength is not None:
-            jitter = draw_color_jitter(rows, strength=recipe.color_strength, color_p=recipe.color_p,
-                                       gray_p=recipe.gray_p, generator=generator)
+        if any(augmentation.distorts_colour for augmentation in augmentations):
+            jitter = draw_color_jitter(_per_row(self.jitter_ranges[crop_slice], batch),
+                                       jitter_p=_per_row(self.jitter_p[crop_slice], batch),
+                                       gray_p=_per_row(self.gray_p[crop_slice], batch), generator=generator)
             matrix, pivot = color_transform(jitter)
             # The 1/255 of [0, 255] -> [0, 1] rides on the colour map: one pass for both.
             color_matrix, color_pivot = matrix / 255, pivot / 255
         blur = sigma = solarize = None
-        if max(recipe.blur_p[crop_slice]) > 0:  # the recipe's Python floats: no sync
-            low, high = recipe.blur_sigma
-            sigma = low + (high - low) * torch.rand(rows, generator=generator, device=sizes.device)
+        if any(augmentation.blur_p > 0 for augmentation in augmentations):
+            sigma_range = _per_row(self.blur_sigma[crop_slice], batch)  # (rows, 2)
+            u = torch.rand(rows, generator=generator, device=sizes.device)
+            sigma = sigma_range[:, 0] + (sigma_range[:, 1] - sigma_range[:, 0]) * u
             blur = _draw_per_crop(self.blur_p[crop_slice], batch, generator)
-        if max(recipe.solarize_p[crop_slice]) > 0:
+        if any(augmentation.solarize_p > 0 for augmentation in augmentations):
             solarize = _draw_per_crop(self.solarize_p[crop_slice], batch, generator)
         return _GroupDraws(boxes=boxes, flip=flip, color_matrix=color_matrix, color_pivot=color_pivot, blur=blur,
                            sigma=sigma, solarize=solarize)
@@ -308,19 +320,19 @@ def sample_crop_boxes(
     return torch.cat([left, top, left + crop_w, top + crop_h], dim=1)
 
 
-def draw_color_jitter(rows: int, *, strength: float, color_p: float, gray_p: float,
+def draw_color_jitter(ranges: torch.Tensor, *, jitter_p: torch.Tensor, gray_p: torch.Tensor,
                       generator: torch.Generator) -> ColorDraws:
-    """The draws of SimCLR's colour distortion of `rows` images: with probability color_p,
-    ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) with its four ops in a random order per image; then
-    grayscale with probability gray_p."""
-    device = generator.device
-    jitter, hue_jitter = 0.8 * strength, 0.2 * strength
-    # Columns: brightness, contrast, saturation factors in [max(0, 1 - j), 1 + j]; hue in [-h, h].
+    """The colour draws of n images: with probability jitter_p (n,), torchvision's ColorJitter
+    with its four ops in a random order per image, each factor uniform in its range; then
+    grayscale with probability gray_p (n,). ranges: (n, 4, 2) (min, max) of the brightness,
+    contrast and saturation factors and of the hue shift in turns (CropAugmentation's fields)."""
+    rows, device = ranges.shape[0], generator.device
     u = torch.rand(rows, 4, generator=generator, device=device)
-    low = max(0.0, 1.0 - jitter)
+    values = ranges[..., 0] + (ranges[..., 1] - ranges[..., 0]) * u  # (n, 4)
     order = torch.rand(rows, 4, generator=generator, device=device).argsort(dim=1)  # a permutation per row
-    return ColorDraws(factors=low + (1.0 + jitter - low) * u[:, :3], hue=(2 * u[:, 3] - 1) * hue_jitter, order=order,
-                      jittered=_draw(rows, color_p, generator), greyed=_draw(rows, gray_p, generator))
+    jittered = torch.rand(rows, generator=generator, device=device) < jitter_p
+    greyed = torch.rand(rows, generator=generator, device=device) < gray_p
+    return ColorDraws(factors=values[:, :3], hue=values[:, 3], order=order, jittered=jittered, greyed=greyed)
 
 
 def color_transform(draws: ColorDraws) -> tuple[torch.Tensor, torch.Tensor]:
@@ -406,12 +418,12 @@ def _new_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype, *, device
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _draw(rows: int, p: float, generator: torch.Generator) -> torch.Tensor:
-    """(rows,) bool, each True with probability p."""
-    return torch.rand(rows, generator=generator, device=generator.device) < p
+def _per_row(per_crop: torch.Tensor, batch: int) -> torch.Tensor:
+    """A group's per-crop values (count, ...) -> per row (count * batch, ...): row k*batch + i is crop k."""
+    return per_crop.repeat_interleave(batch, dim=0)
 
 
 def _draw_per_crop(p: torch.Tensor, batch: int, generator: torch.Generator) -> torch.Tensor:
     """(len(p) * batch,) bool: rows k*batch .. (k+1)*batch - 1 True with probability p[k]."""
-    probability = p.view(-1, 1).expand(-1, batch).reshape(-1)
+    probability = _per_row(p, batch)
     return torch.rand(probability.shape[0], generator=generator, device=p.device) < probability

@@ -11,13 +11,13 @@ Without a GPU (device 'cpu') the same pipeline runs with device_id=None and CPU 
 
 The reader's "label" is the dataset index; the real labels live in a side table on the
 device, so indices travel with the samples through any shuffling. The order is the reference
-loader's (loaders.folder.EpochBatchSampler, one permutation per epoch from (seed, epoch),
+loader's (loaders.sampler.EpochBatchSampler, one permutation per epoch from (seed, epoch),
 rank r takes positions r, r + W, ...): each epoch builds the reader over this rank's files in
 that order, so the shard is chosen here rather than by the reader's shard_id/num_shards, and
 set_epoch(epoch, start_batch) resumes exactly.
 
 Bad input: DALI stops the whole pipeline on an undecodable file, so the file list is checked
-first (loaders.convert.check_images: a parallel PIL decode, JPEGs at 1/8 scale, formats DALI
+first (loaders.images.check_images: a parallel PIL decode, JPEGs at 1/8 scale, formats DALI
 cannot decode rejected); skipped files are logged once with their names. This costs about
 one reduced decode per image at build time.
 
@@ -39,9 +39,10 @@ import numpy as np
 import torch
 
 from loaders.batch import Batch
-from loaders.convert import ImageList, check_images, list_samples
-from loaders.folder import EpochBatchSampler
-from loaders.recipe import MultiCropRecipe, blur_kernel_size
+from loaders.images import ImageList, check_images, list_samples
+from loaders.recipe import CropAugmentation, MultiCropRecipe, blur_kernel_size
+from loaders.sampler import EpochBatchSampler
+from loaders.sources import resolve_image_folder
 
 try:
     import nvidia.dali.fn as fn
@@ -89,10 +90,11 @@ def multicrop_pipeline(
                 images, size=(size, size), random_area=list(recipe.crop_scales[group]),
                 random_aspect_ratio=list(recipe.crop_ratio), num_attempts=10, antialias=True,
             )
-            x = _augment(x, recipe=recipe, crop=crop, size=size)
+            augmentation = recipe.augmentations[crop]
+            x = _augment(x, augmentation=augmentation, size=size)
             crops.append(
                 fn.crop_mirror_normalize(
-                    x, mirror=fn.random.coin_flip(probability=recipe.flip_p),
+                    x, mirror=fn.random.coin_flip(probability=augmentation.flip_p),
                     mean=[255 * m for m in recipe.mean], std=[255 * s for s in recipe.std],
                     dtype=types.FLOAT16 if half_output else types.FLOAT, output_layout="HWC",
                 )
@@ -102,40 +104,38 @@ def multicrop_pipeline(
     return pipe
 
 
-def _augment(x, *, recipe: MultiCropRecipe, crop: int, size: int):
-    """Colour distortion, grayscale, blur and solarize of one crop (DALI graph nodes)."""
-    if recipe.color_strength is not None:
-        jitter, hue_jitter = 0.8 * recipe.color_strength, 0.2 * recipe.color_strength
-        low = max(0.0, 1.0 - jitter)
-        # Each factor is the identity unless the jitter is drawn (probability color_p).
-        jittered = fn.random.coin_flip(probability=recipe.color_p)
-        kept_color = 1.0 - fn.random.coin_flip(probability=recipe.gray_p)
+def _augment(x, *, augmentation: CropAugmentation, size: int):
+    """Colour jitter, grayscale, blur and solarize of one crop (DALI graph nodes)."""
+    if augmentation.distorts_colour:
+        # Each factor is the identity unless the jitter is drawn (probability jitter_p).
+        jittered = fn.random.coin_flip(probability=augmentation.jitter_p)
+        kept_color = 1.0 - fn.random.coin_flip(probability=augmentation.gray_p)
 
-        def factor(lo: float, hi: float, identity: float):
-            return identity + jittered * (_uniform(lo, hi) - identity)
+        def factor(bounds: tuple[float, float], identity: float, *, scale: float = 1.0):
+            return identity + jittered * (_uniform(scale * bounds[0], scale * bounds[1]) - identity)
 
         x = fn.color_twist(
             x,
-            brightness=factor(low, 1.0 + jitter, 1.0),
-            contrast=factor(low, 1.0 + jitter, 1.0),
+            brightness=factor(augmentation.brightness, 1.0),
+            contrast=factor(augmentation.contrast, 1.0),
             # Saturation 0 is the grey image: grayscale after the jitter, as in SimCLR.
-            saturation=factor(low, 1.0 + jitter, 1.0) * kept_color,
-            hue=factor(-360.0 * hue_jitter, 360.0 * hue_jitter, 0.0),  # DALI's hue is in degrees
+            saturation=factor(augmentation.saturation, 1.0) * kept_color,
+            hue=factor(augmentation.hue, 0.0, scale=360.0),  # DALI's hue is in degrees, the recipe's in turns
         )
-    if recipe.blur_p[crop] > 0:
-        x = _random_gaussian_blur(x, p=recipe.blur_p[crop], sigma_range=recipe.blur_sigma,
+    if augmentation.blur_p > 0:
+        x = _random_gaussian_blur(x, p=augmentation.blur_p, sigma_range=augmentation.blur_sigma,
                                   kernel_size=blur_kernel_size(size))
-    if recipe.solarize_p[crop] > 0:
-        solarized = fn.random.coin_flip(probability=recipe.solarize_p[crop])
+    if augmentation.solarize_p > 0:
+        solarized = fn.random.coin_flip(probability=augmentation.solarize_p)
         x = fn.cast(x, dtype=types.FLOAT)
         x = x + solarized * (x >= 128) * (255.0 - 2.0 * x)
     return x
 
 
 def _uniform(low: float, high: float):
-    """A per-sample uniform draw in [low, high); a constant when the range is one value (DALI
-    refuses an empty range)."""
-    return fn.random.uniform(range=[low, high]) if high > low else types.Constant(float(low))
+    """A per-sample uniform draw in [low, high); the number itself when the range is one value
+    (DALI refuses an empty range, and a Python number takes part in any arithmetic)."""
+    return fn.random.uniform(range=[low, high]) if high > low else float(low)
 
 
 def _random_gaussian_blur(x, *, p: float, sigma_range: tuple[float, float], kernel_size: int):
@@ -236,8 +236,6 @@ def build_dali_loader(
     """
     if DALI_IMPORT_ERROR is not None:
         raise ImportError(DALI_IMPORT_ERROR)
-    from loaders.build import resolve_image_folder
-
     device = torch.device(device)
     device_id = (device.index or 0) if device.type == "cuda" else None
     if device_id is not None:

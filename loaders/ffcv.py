@@ -1,7 +1,7 @@
 """The FFCV backend: a .beton (written by `fastssl-convert`) -> multi-crop Batches.
 
-Decode once, crop many: `PaddedRGBDecoder` decodes every image ONCE at its stored size
-(libjpeg-turbo for JPEG records, a copy for raw ones) into the top left of a fixed
+Decode once, crop many: `loaders.beton.PaddedRGBDecoder` decodes every image ONCE at its
+stored size (libjpeg-turbo for JPEG records, a copy for raw ones) into the top left of a fixed
 (max_height, max_width, 3) buffer, in FFCV's numba-compiled, multi-threaded pipeline. The
 batch then goes to the training device (ToDevice, only where the device is CUDA) and all the
 crops are cut from it at once by loaders.augment.DeviceMultiCrop, so a sample costs one
@@ -9,7 +9,7 @@ decode, not one per crop, and the augmentation is the same code as every other b
 On the CPU the two overlap: FFCV decodes the next batches (batches_ahead) in its own threads
 while DeviceMultiCrop spreads the current batch's crops over torch.get_num_threads() threads.
 
-Order: 'random' is the reference loader's order (loaders.folder.EpochBatchSampler: one
+Order: 'random' is the reference loader's order (loaders.sampler.EpochBatchSampler: one
 permutation per epoch from (seed, epoch), dealt out round-robin over the ranks), so with the
 same seed every backend visits the samples in the same order. No torch.distributed is needed:
 FFCV 1.0.2's own distributed=True builds torch's DistributedSampler without num_replicas/rank,
@@ -25,8 +25,6 @@ batch_size * max_height * max_width * 3 bytes, so keep max_resolution moderate).
 from __future__ import annotations
 
 import hashlib
-import os
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,110 +32,12 @@ import torch
 
 from loaders.augment import DeviceMultiCrop
 from loaders.batch import Batch
-from loaders.folder import EpochBatchSampler
+from loaders.beton import PaddedRGBDecoder, convert_image_folder, read_beton_table, require_ffcv
+from loaders.cache import cache_dir
+from loaders.images import list_samples
 from loaders.recipe import MultiCropRecipe
-
-try:
-    from ffcv.fields.basics import IntDecoder
-    from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
-    from ffcv.libffcv import imdecode, memcpy
-    from ffcv.loader import Loader, OrderOption
-    from ffcv.pipeline.allocation_query import AllocationQuery
-    from ffcv.pipeline.compiler import Compiler
-    from ffcv.reader import Reader
-    from ffcv.transforms import ToDevice, ToTensor
-except ImportError:  # the backend is optional: build_ffcv_loader says how to install it
-    SimpleRGBImageDecoder = object
-    FFCV_IMPORT_ERROR = "the FFCV backend needs `pip install fastssl[ffcv]` (ffcv==1.0.2, numba, opencv)"
-else:
-    FFCV_IMPORT_ERROR = None
-
-
-class PaddedRGBDecoder(SimpleRGBImageDecoder):
-    """Decode each RGBImageField record once, at its stored size, into a padded buffer.
-
-    Output per batch: (B, max_height, max_width, 3) uint8, image i in [:h_i, :w_i]; the row
-    below and the column right of it repeat its last row/column, so bilinear sampling at the
-    crop border never reads a neighbour's stale pixels. (A subclass of FFCV's decoder for
-    RGBImageField because FFCV recognises a pipeline's decoder by that type.)
-    """
-
-    def declare_state_and_memory(self, previous_state):
-        self.max_height = int(self.metadata["height"].max())
-        self.max_width = int(self.metadata["width"].max())
-        shape = (self.max_height, self.max_width, 3)
-        scratch = (self.max_height * self.max_width * 3,)
-        return (
-            replace(previous_state, jit_mode=True, shape=shape, dtype=np.dtype("<u1")),
-            (AllocationQuery(shape, np.dtype("<u1")), AllocationQuery(scratch, np.dtype("<u1"))),
-        )
-
-    def generate_code(self):
-        memory_read = self.memory_read
-        imdecode_compiled = Compiler.compile(imdecode)
-        memcpy_compiled = Compiler.compile(memcpy)
-        sample_range = Compiler.get_iterator()
-        jpeg_mode = IMAGE_MODES["jpg"]
-
-        def decode(batch_indices, storage, metadata, storage_state):
-            destination, scratch = storage
-            for row in sample_range(len(batch_indices)):
-                field = metadata[batch_indices[row]]
-                data = memory_read(field["data_ptr"], storage_state)
-                height, width = np.uint32(field["height"]), np.uint32(field["width"])
-                flat = scratch[row][: 3 * height * width]
-                if field["mode"] == jpeg_mode:
-                    imdecode_compiled(data, flat, height, width, height, width, 0, 0, 1, 1, False, False)
-                else:
-                    memcpy_compiled(data, flat)
-                image = flat.reshape(height, width, 3)
-                out = destination[row]
-                out[:height, :width] = image
-                if height < out.shape[0]:
-                    out[height, :width] = image[height - 1]
-                if width < out.shape[1]:
-                    out[: min(height + 1, out.shape[0]), width] = out[: min(height + 1, out.shape[0]), width - 1]
-            return destination[: len(batch_indices)]
-
-        decode.is_parallel = True
-        return decode
-
-
-@dataclass(frozen=True)
-class BetonTable:
-    """Per-record metadata of a fastssl .beton, read without decoding: (N,) int64 each."""
-
-    labels: np.ndarray
-    indices: np.ndarray
-    heights: np.ndarray
-    widths: np.ndarray
-
-
-def read_beton_table(path: str | os.PathLike) -> BetonTable:
-    """The label, dataset index and stored size of every record of `path`."""
-    _require_ffcv()
-    reader = Reader(str(path))
-    missing = {"image", "label", "index"} - set(reader.field_names)
-    if missing:
-        raise ValueError(f"{path}: fields {sorted(missing)} missing; write it with fastssl-convert")
-    column = {name: f"f{i}" for i, name in enumerate(reader.field_names)}
-    image = reader.metadata[column["image"]]
-    return BetonTable(
-        labels=reader.metadata[column["label"]].astype(np.int64),
-        indices=reader.metadata[column["index"]].astype(np.int64),
-        heights=image["height"].astype(np.int64),
-        widths=image["width"].astype(np.int64),
-    )
-
-
-def decode_all_images(path: str | os.PathLike, *, num_workers: int) -> int:
-    """Decode every image of `path` in order; return how many decoded (a full read-back check)."""
-    _require_ffcv()
-    loader = Loader(
-        str(path), batch_size=64, num_workers=num_workers, order=OrderOption.SEQUENTIAL, drop_last=False,
-        pipelines={"image": [PaddedRGBDecoder(), ToTensor()], "label": None, "index": None},
-    )
-    return sum(images.shape[0] for (images,) in loader)
+from loaders.sampler import EpochBatchSampler
+from loaders.sources import resolve_image_folder
 
 
 class _EpochTraversal:
@@ -205,7 +105,11 @@ def build_ffcv_loader(
     folder is converted once (max_resolution, JPEG quality 90, proportion 0.5) to a cached
     .beton under $FASTSSL_CACHE/ffcv, keyed by the folder and its file list.
     """
-    _require_ffcv()
+    require_ffcv()
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import ToDevice, ToTensor
+
     if order not in ("random", "quasi_random"):
         raise ValueError(f"ffcv order {order!r}: use 'random' or 'quasi_random'")
     if order == "quasi_random" and (world_size > 1 or os_cache):
@@ -262,14 +166,10 @@ def _beton_for(*, source: str, data_path: str | None, synthetic_params: dict | N
         if not data_path or not Path(data_path).is_file():
             raise FileNotFoundError(f"ffcv source: no .beton at {data_path!r}")
         return Path(data_path)
-    from loaders.build import resolve_image_folder
-    from loaders.convert import convert_image_folder, list_samples
-
     folder = resolve_image_folder(source=source, data_path=data_path, split="train", synthetic_params=synthetic_params)
     listing = list_samples(folder, data_limit=-1)
     key = hashlib.sha256("\n".join([str(max_resolution), *listing.paths]).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("FASTSSL_CACHE") or Path.home() / ".cache" / "fastssl") / "ffcv"
-    beton = cache / f"{Path(folder).name}-{key}.beton"
+    beton = cache_dir() / "ffcv" / f"{Path(folder).name}-{key}.beton"
     if not beton.exists():
         convert_image_folder(folder, beton, max_resolution=max_resolution, write_mode="proportion", jpeg_quality=90,
                              compress_probability=0.5, num_workers=num_workers, progress=False)
@@ -278,8 +178,3 @@ def _beton_for(*, source: str, data_path: str | None, synthetic_params: dict | N
 
 def _mix_seed(*values: int) -> int:
     return int(np.random.SeedSequence([v & 0xFFFFFFFF for v in values]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def _require_ffcv() -> None:
-    if FFCV_IMPORT_ERROR is not None:
-        raise ImportError(FFCV_IMPORT_ERROR)

@@ -1,4 +1,5 @@
-"""The torchvision reference loader: an image folder, per-sample PIL crops, a resumable sampler.
+"""The torchvision reference loader (an image folder, per-sample PIL crops in DataLoader workers)
+and the evaluation loader (one centre crop per sample, in dataset order, one shard per rank).
 
 The classic design (SwAV's MultiCropDataset): each sample is decoded with PIL and every crop
 runs torchvision's functional ops with parameters drawn from a random.Random seeded from
@@ -11,12 +12,12 @@ it once (worker processes cannot share a counter).
 """
 from __future__ import annotations
 
-import contextlib
+import logging
 import math
-import os
 import random
+import signal
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -24,107 +25,13 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from loaders.recipe import MultiCropRecipe, blur_kernel_size
+from loaders.batch import Batch
+from loaders.images import UnreadableImage, list_images, load_rgb
+from loaders.recipe import CropAugmentation, MultiCropRecipe, blur_kernel_size
+from loaders.sampler import EpochBatchSampler, shard_of
+from loaders.sources import resolve_image_folder
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
-# Larger images are decoded at reduced scale (JPEG draft) or reduced after decoding: a 16 MP
-# image already holds far more detail than any crop uses.
-MAX_DECODED_PIXELS = 1 << 24
-# Beyond this a non-JPEG is not decoded at all (a 1 GP RGB image alone is 3 GB).
-MAX_UNDRAFTABLE_PIXELS = 1 << 30
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
-class UnreadableImage(Exception):
-    """A file that cannot be decoded into an RGB image."""
-
-
-def list_images(root: str | Path, *, data_limit: int) -> tuple[list[str], list[int], list[str]]:
-    """Image paths, labels and class names of an image folder, sorted.
-
-    root/<class>/**/<image> gives labels 0..C-1 by sorted class name; a flat folder of images
-    gives label -1 for all. data_limit > 0 keeps the first data_limit files of the sorted list.
-    Raises FileNotFoundError (no such directory) or ValueError (no image inside).
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
-    classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
-    if classes:
-        entries = [(path, label) for label, name in enumerate(classes) for path in _image_files(root / name)]
-    else:
-        entries = [(str(root / e.name), -1) for e in sorted(os.scandir(root), key=lambda e: e.name) if _is_image(e)]
-    if not entries:
-        raise ValueError(f"image folder {root} holds no image files ({' '.join(IMAGE_EXTENSIONS)})")
-    if data_limit > 0:
-        entries = entries[:data_limit]
-    return [path for path, _ in entries], [label for _, label in entries], classes
-
-
-def _image_files(directory: Path) -> list[str]:
-    """Image files anywhere under directory, sorted. os.walk reads file types from the directory
-    listing, so a 1.3M-image ImageNet folder is listed without a stat per file."""
-    found = []
-    for parent, subdirectories, names in os.walk(directory, followlinks=True):
-        subdirectories[:] = [d for d in subdirectories if not d.startswith(".")]
-        found.extend(os.path.join(parent, n) for n in names if _is_image_name(n))
-    return sorted(found)
-
-
-def _is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and not name.startswith(".")
-
-
-def _is_image(entry: os.DirEntry) -> bool:
-    return _is_image_name(entry.name) and entry.is_file()
-
-
-@contextlib.contextmanager
-def _no_pixel_limit() -> Iterator[None]:
-    """Lift PIL's decompression-bomb check for one open: load_rgb applies its own size policy."""
-    limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
-
-
-def load_rgb(path: str) -> Image.Image:
-    """Decode a file into an 8-bit RGB PIL image, or raise UnreadableImage.
-
-    Converts grayscale, palette, CMYK, alpha (dropped) and 16-bit images (scaled to 8 bits);
-    decodes images over MAX_DECODED_PIXELS at reduced scale.
-    """
-    try:
-        with _no_pixel_limit(), Image.open(path) as image:
-            width, height = image.size
-            if width * height > MAX_DECODED_PIXELS:
-                factor = math.sqrt(width * height / MAX_DECODED_PIXELS)
-                if image.format == "JPEG":
-                    # The JPEG decoder scales by 1/2, 1/4 or 1/8 while decoding: never holds the full image.
-                    image.draft("RGB", (math.ceil(width / factor), math.ceil(height / factor)))
-                elif width * height > MAX_UNDRAFTABLE_PIXELS:
-                    raise UnreadableImage(f"{width}x{height} pixels is too large to decode")
-            image.load()
-            rgb = _to_rgb(image)
-        if rgb.width * rgb.height > MAX_DECODED_PIXELS:
-            rgb = rgb.reduce(math.ceil(math.sqrt(rgb.width * rgb.height / MAX_DECODED_PIXELS)))
-        return rgb
-    except UnreadableImage:
-        raise
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError, MemoryError) as error:
-        raise UnreadableImage(f"{type(error).__name__}: {error}") from error
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in _SIXTEEN_BIT_MODES:
-        # PIL's own convert clips 16-bit values at 255 (a white image); scale the range instead.
-        values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
-        return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8)).convert("RGB")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    return image if image.mode == "RGB" else image.convert("RGB")
+log = logging.getLogger(__name__)
 
 
 class ImageFiles:
@@ -239,19 +146,20 @@ def augment_crop(image: Image.Image, *, crop: int, recipe: MultiCropRecipe, rng:
         image.height, image.width, scale=recipe.crop_scales[group], ratio=recipe.crop_ratio, rng=rng
     )
     out = TF.resized_crop(image, top, left, h, w, [size, size], InterpolationMode.BILINEAR, antialias=True)
-    if rng.random() < recipe.flip_p:
+    augmentation = recipe.augmentations[crop]
+    if rng.random() < augmentation.flip_p:
         out = TF.hflip(out)
-    if recipe.color_strength is not None:
-        if rng.random() < recipe.color_p:
-            out = _color_jitter(out, strength=recipe.color_strength, rng=rng)
-        if rng.random() < recipe.gray_p:
+    if augmentation.distorts_colour:
+        if rng.random() < augmentation.jitter_p:
+            out = _color_jitter(out, augmentation=augmentation, rng=rng)
+        if rng.random() < augmentation.gray_p:
             out = TF.rgb_to_grayscale(out, num_output_channels=3)
     # From here on numpy, not torch: torch's intra-op threads cost far more than they save on
     # one small crop, and in the main process (num_workers=0) they fight the training step.
     pixels = np.asarray(out, dtype=np.float32) / 255  # (s, s, 3)
-    if rng.random() < recipe.blur_p[crop]:
-        pixels = gaussian_blur(pixels, sigma=rng.uniform(*recipe.blur_sigma), kernel_size=blur_kernel_size(size))
-    if rng.random() < recipe.solarize_p[crop]:
+    if rng.random() < augmentation.blur_p:
+        pixels = gaussian_blur(pixels, sigma=rng.uniform(*augmentation.blur_sigma), kernel_size=blur_kernel_size(size))
+    if rng.random() < augmentation.solarize_p:
         pixels = np.where(pixels >= 128 / 255, 1 - pixels, pixels)  # PIL's solarize at 128
     return to_normalized_tensor(pixels, mean=recipe.mean, std=recipe.std)
 
@@ -273,12 +181,10 @@ def to_normalized_tensor(pixels: np.ndarray, *, mean, std) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(normalized.transpose(2, 0, 1)))
 
 
-def _color_jitter(image: Image.Image, *, strength: float, rng: random.Random) -> Image.Image:
-    """ColorJitter(0.8s, 0.8s, 0.8s, 0.2s): the four ops in a random order (SimCLR appendix A)."""
-    jitter = 0.8 * strength
-    low = max(0.0, 1.0 - jitter)
-    brightness, contrast, saturation = (rng.uniform(low, 1.0 + jitter) for _ in range(3))
-    hue = rng.uniform(-0.2 * strength, 0.2 * strength)
+def _color_jitter(image: Image.Image, *, augmentation: CropAugmentation, rng: random.Random) -> Image.Image:
+    """torchvision's ColorJitter with the augmentation's ranges: the four ops in a random order."""
+    ranges = (augmentation.brightness, augmentation.contrast, augmentation.saturation, augmentation.hue)
+    brightness, contrast, saturation, hue = (rng.uniform(low, high) for low, high in ranges)
     ops = [
         lambda im: TF.adjust_brightness(im, brightness),
         lambda im: TF.adjust_contrast(im, contrast),
@@ -291,61 +197,123 @@ def _color_jitter(image: Image.Image, *, strength: float, rng: random.Random) ->
     return image
 
 
-class EpochBatchSampler(torch.utils.data.Sampler):
-    """Batches of (dataset index, epoch) keys for one rank.
+class FolderLoader:
+    """Batches on the device from a DataLoader over (index, epoch) keys of a folder dataset.
 
-    Order: a permutation drawn from (seed, epoch) (or sequential when shuffle is False), the
-    same on every rank; rank r takes positions r, r + world_size, ... so ranks never overlap.
-    drop_last=True: the tail is dropped so every rank gets len(self) full batches.
-    drop_last=False: the order is padded by wrapping around to a multiple of world_size (like
-    torch's DistributedSampler; with one rank nothing is repeated) and the last batch may be
-    short. set_epoch(epoch, start_batch) skips the first start_batch batches (mid-epoch resume).
+    num_samples: dataset size after DATA_LIMIT. len(): batches of one pass on this rank.
+    skipped: {path: times replaced} of files that failed to decode (each logged once).
     """
 
     def __init__(
         self,
-        num_samples: int,
         *,
-        batch_size: int,
-        drop_last: bool,
-        shuffle: bool,
-        seed: int,
-        rank: int,
-        world_size: int,
+        dataset: MultiCropFolder | CenterCropFolder,
+        batch_sampler: torch.utils.data.Sampler | list[list[tuple[int, int]]],
+        num_workers: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        channels_last: bool,
     ):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"sampler: rank {rank} is outside world_size {world_size}")
-        self.num_samples, self.batch_size, self.drop_last = num_samples, batch_size, drop_last
-        self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
-        self.epoch, self.start_batch = 0, 0
-        if drop_last and num_samples < batch_size * world_size:
-            raise ValueError(
-                f"sampler: {num_samples} samples do not fill one batch of {batch_size} on each of {world_size} ranks"
-            )
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
+        self.batch_sampler = batch_sampler
+        self.num_samples = len(dataset)
+        self.device, self.dtype = device, dtype
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.has_labels = dataset.files.has_labels
+        self.skipped: dict[str, int] = {}
+        self.loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=batch_sampler,
+            num_workers=num_workers,
+            collate_fn=collate_crops,
+            pin_memory=device.type == "cuda",
+            persistent_workers=num_workers > 0,
+            worker_init_fn=_ignore_sigterm,
+        )
 
     def __len__(self) -> int:
-        """Batches of a full epoch on this rank (start_batch not subtracted)."""
-        if self.drop_last:
-            return self.num_samples // (self.batch_size * self.world_size)
-        return math.ceil(math.ceil(self.num_samples / self.world_size) / self.batch_size)
+        return len(self.batch_sampler)
 
-    def rank_indices(self) -> np.ndarray:
-        """This rank's dataset indices for the current epoch, in order."""
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples)
-        else:
-            order = np.arange(self.num_samples)
-        if self.drop_last:
-            order = order[: len(self) * self.batch_size * self.world_size]
-        else:
-            padded = math.ceil(self.num_samples / self.world_size) * self.world_size
-            order = np.resize(order, padded)  # np.resize repeats from the start
-        return order[self.rank :: self.world_size]
+    def __iter__(self) -> Iterator[Batch]:
+        for crops, indices, labels, failed in self.loader:
+            for path in failed:
+                if path not in self.skipped:
+                    log.warning("skipping an unreadable image (replaced by the next readable one): %s", path)
+                self.skipped[path] = self.skipped.get(path, 0) + 1
+            yield Batch(
+                crops=[self._to_device(crop) for crop in crops],
+                indices=indices.to(self.device, non_blocking=True),
+                labels=labels.to(self.device, non_blocking=True) if self.has_labels else None,
+            )
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        indices = self.rank_indices()
-        for start in range(self.start_batch * self.batch_size, len(indices), self.batch_size):
-            yield [(int(i), self.epoch) for i in indices[start : start + self.batch_size]]
+    def _to_device(self, crop: torch.Tensor) -> torch.Tensor:
+        # Copy float32 from pinned memory, then convert on the device (fast there, slow on the host).
+        crop = crop.to(self.device, non_blocking=True)
+        return crop.to(dtype=self.dtype).contiguous(memory_format=self.memory_format)
+
+
+class FolderTrainLoader(FolderLoader):
+    """The multi-crop training loader of one rank (the torchvision reference backend).
+    set_epoch(epoch, start_batch) reproduces an epoch's batches exactly from any batch on."""
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch (its permutation and augmentations) and the batch to start from."""
+        self.batch_sampler.set_epoch(epoch, start_batch)
+
+
+class EvalLoader(FolderLoader):
+    """One centre crop per sample of this rank's shard (loaders.sampler.shard_of), in dataset
+    order, nothing dropped or repeated. Batch.indices are global dataset indices, so the ranks'
+    results gathered in rank order (or placed by index) are in dataset order.
+
+    num_samples: the whole dataset's size (all ranks); shard: this rank's dataset indices.
+    """
+
+    def __init__(self, *, shard: range, **loader_args):
+        super().__init__(**loader_args)
+        self.shard = shard
+
+
+def collate_crops(samples: list[tuple]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, list[str]]:
+    """Stack each crop position: [(crops, index, label, failed paths)] -> ([(B, 3, s, s)] per
+    crop, (B,) int64 indices, (B,) int64 labels, failed paths of the batch)."""
+    crops = [torch.stack(position) for position in zip(*(sample[0] for sample in samples))]
+    indices = torch.tensor([sample[1] for sample in samples], dtype=torch.int64)
+    labels = torch.tensor([sample[2] for sample in samples], dtype=torch.int64)
+    failed = [path for sample in samples for path in sample[3]]
+    return crops, indices, labels, failed
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """SLURM preemption signals every process: the workers leave the stop to the trainer, which
+    checkpoints at the next step boundary and then shuts them down."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def build_folder_loader(
+    *, source: str, data_path: str | None, recipe: MultiCropRecipe, batch_size: int, num_workers: int,
+    drop_last: bool, data_limit: int, seed: int, rank: int, world_size: int, device: torch.device | str,
+    dtype: torch.dtype, channels_last: bool, synthetic_params: dict[str, Any] | None,
+) -> FolderTrainLoader:
+    """The torchvision training loader of one rank: per-sample PIL crops in DataLoader workers,
+    in the order of loaders.sampler.EpochBatchSampler."""
+    folder = resolve_image_folder(source=source, data_path=data_path, split="train", synthetic_params=synthetic_params)
+    dataset = MultiCropFolder(folder, recipe=recipe, seed=seed, data_limit=data_limit)
+    sampler = EpochBatchSampler(len(dataset), batch_size=batch_size, drop_last=drop_last, shuffle=True, seed=seed,
+                                rank=rank, world_size=world_size)
+    return FolderTrainLoader(dataset=dataset, batch_sampler=sampler, num_workers=num_workers,
+                             device=torch.device(device), dtype=dtype, channels_last=channels_last)
+
+
+def build_eval_folder_loader(
+    *, source: str, data_path: str | None, split: str, image_size: int, batch_size: int, num_workers: int,
+    data_limit: int, device: torch.device | str, dtype: torch.dtype, synthetic_params: dict[str, Any] | None,
+    mean: tuple[float, float, float], std: tuple[float, float, float], rank: int, world_size: int,
+) -> EvalLoader:
+    """The evaluation loader of one rank (see EvalLoader)."""
+    folder = resolve_image_folder(source=source, data_path=data_path, split=split, synthetic_params=synthetic_params)
+    dataset = CenterCropFolder(folder, image_size=image_size, mean=mean, std=std, data_limit=data_limit)
+    shard = shard_of(len(dataset), rank=rank, world_size=world_size)
+    batches = [[(index, 0) for index in shard[start : start + batch_size]]
+               for start in range(0, len(shard), batch_size)]
+    return EvalLoader(shard=shard, dataset=dataset, batch_sampler=batches, num_workers=num_workers,
+                      device=torch.device(device), dtype=dtype, channels_last=True)

@@ -1,47 +1,173 @@
-"""VISSL's DATA.TRAIN.TRANSFORMS list, parsed once into a frozen multi-crop recipe.
+"""VISSL's DATA.TRAIN.TRANSFORMS list, checked and parsed once into a frozen multi-crop recipe.
 
-Every loader backend (torchvision, DALI, FFCV, the batched device path) reads the same
-`MultiCropRecipe`, so the augmentation is specified in one place and each backend only
-decides how to execute it.
+Every loader backend (the torchvision reference in loaders/folder.py, DALI in loaders/dali.py,
+the batched path in loaders/augment.py) reads the same `MultiCropRecipe`. The parser resolves
+each transform into plain per-crop values (`CropAugmentation`: probabilities and the ranges
+that random parameters are drawn from), so the backends never see a transform's name or its
+own parametrisation (a colour distortion "strength", VISSL's per-crop RandomApply wrapper):
+asymmetric views (BYOL's blur and solarize per view) and a new transform need no change there.
+Adding a transform takes an entry in TRANSFORM_KEYS and the values it resolves to in
+`_resolve_photometric`.
 
-Accepted transform names and their keys (anything else is a ValueError):
-    ImgPilToMultiCrop       total_num_crops, num_crops, size_crops, crop_scales
-    RandomResizedCrop       size, scale, ratio           (one crop; a single-crop recipe)
-    ImgReplicatePil         num_times                    (that many copies of the crop, SimCLR/BYOL style)
-    RandomHorizontalFlip    p
-    ImgPilColorDistortion   strength                     (ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) p=0.8, gray p=0.2)
-    ImgPilGaussianBlur      p, radius_min, radius_max    (p: a float or one value per crop)
-    ImgPilRandomSolarize    p                            (p: a float or one value per crop)
-    ImgPilMultiCropRandomApply  transforms, prob         (blur/solarize with one probability per crop)
-    ToTensor
-    Normalize               mean, std
+Every entry is checked against TRANSFORM_KEYS, the one table of the accepted transforms, their
+keys, the type of each and its default (VISSL's defaults; REQUIRED: no default): an unknown
+transform, an unknown key, a missing required key or a value of the wrong type is a one-line
+ValueError naming the transform, the key and the closest valid key.
 """
 from __future__ import annotations
 
+import difflib
 import math
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Callable, NamedTuple, Sequence
 
-# Defaults of the VISSL transforms when a key is omitted (VISSL's own defaults).
-_DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-_DEFAULT_RRC_SCALE = (0.08, 1.0)
-_COLOR_P = 0.8
-_GRAY_P = 0.2
+REQUIRED = object()  # a key without a default
+
+
+class Kind(NamedTuple):
+    """A key's type: what it must be (for the error message) and how to check and convert it."""
+
+    description: str
+    convert: Callable[[Any], Any]  # raises TypeError or ValueError when the value does not fit
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise TypeError
+    return float(value)
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError
+    return value
+
+
+def _list_of(convert: Callable[[Any], Any], *, length: int | None = None) -> Callable[[Any], tuple]:
+    def convert_list(value: Any) -> tuple:
+        if not isinstance(value, (list, tuple)) or (length is not None and len(value) != length):
+            raise TypeError
+        return tuple(convert(item) for item in value)
+    return convert_list
+
+
+def _probability(value: Any) -> float:
+    value = _number(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError
+    return value
+
+
+def _probabilities(value: Any) -> float | tuple[float, ...]:
+    return _list_of(_probability)(value) if isinstance(value, (list, tuple)) else _probability(value)
+
+
+def _range(value: Any) -> tuple[float, float]:
+    low, high = _list_of(_number, length=2)(value)
+    if low > high:
+        raise ValueError
+    return low, high
+
+
+def _size(value: Any) -> int:
+    """RandomResizedCrop's size: an int or [int] (square crops only)."""
+    return _list_of(_integer, length=1)(value)[0] if isinstance(value, (list, tuple)) else _integer(value)
+
+
+def _transform_list(value: Any) -> tuple[dict, ...]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(item, dict) for item in value):
+        raise TypeError
+    return tuple(value)
+
+
+NUMBER = Kind("a number", _number)
+INTEGER = Kind("an integer", _integer)
+INTEGERS = Kind("a list of integers", _list_of(_integer))
+PROBABILITY = Kind("a probability in [0, 1]", _probability)
+PROBABILITIES = Kind("a probability in [0, 1], or a list of them (one per crop or crop group)", _probabilities)
+RANGE = Kind("a [min, max] pair of numbers", _range)
+RANGES = Kind("a list of [min, max] pairs of numbers", _list_of(_range))
+SIZE = Kind("an integer or [integer]", _size)
+RGB = Kind("a list of 3 numbers (R, G, B)", _list_of(_number, length=3))
+TRANSFORMS = Kind("a list of transforms", _transform_list)
+
+
+class Key(NamedTuple):
+    kind: Kind
+    default: Any = REQUIRED
+
+
+# Every accepted transform: {key: Key(type, default)}.
+TRANSFORM_KEYS: dict[str, dict[str, Key]] = {
+    "ImgPilToMultiCrop": {  # total_num_crops None: sum(num_crops)
+        "total_num_crops": Key(INTEGER, None), "num_crops": Key(INTEGERS), "size_crops": Key(INTEGERS),
+        "crop_scales": Key(RANGES)},
+    "RandomResizedCrop": {  # one crop: a single-crop recipe
+        "size": Key(SIZE), "scale": Key(RANGE, (0.08, 1.0)), "ratio": Key(RANGE, (3.0 / 4.0, 4.0 / 3.0))},
+    "ImgReplicatePil": {"num_times": Key(INTEGER, 2)},  # that many copies of the one crop (SimCLR, BYOL)
+    "RandomHorizontalFlip": {"p": Key(PROBABILITY, 0.5)},
+    "ImgPilColorDistortion": {"strength": Key(NUMBER, 1.0)},  # ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) p 0.8, gray p 0.2
+    "ImgPilGaussianBlur": {
+        "p": Key(PROBABILITIES, 0.5), "radius_min": Key(NUMBER, 0.1), "radius_max": Key(NUMBER, 2.0)},
+    "ImgPilRandomSolarize": {"p": Key(PROBABILITIES, 0.66)},
+    # One ImgPilGaussianBlur or ImgPilRandomSolarize, applied to crop i with probability prob[i].
+    "ImgPilMultiCropRandomApply": {"transforms": Key(TRANSFORMS), "prob": Key(PROBABILITIES)},
+    "ToTensor": {},
+    "Normalize": {"mean": Key(RGB), "std": Key(RGB)},
+}
+_CROP_TRANSFORMS = ("ImgPilToMultiCrop", "RandomResizedCrop")
+_WRAPPABLE = ("ImgPilGaussianBlur", "ImgPilRandomSolarize")
+
+
+@dataclass(frozen=True)
+class CropAugmentation:
+    """What happens to one crop after it is cut and resized, resolved to plain values.
+
+    flip_p: probability of a horizontal flip.
+    jitter_p: probability of the colour jitter: brightness, contrast, saturation and hue
+        adjustments in a random order (torchvision's ColorJitter), each with a factor drawn
+        uniformly from its range.
+    brightness, contrast, saturation: (min, max) factor ranges; (1, 1) leaves the property alone.
+    hue: (min, max) hue shift in turns; (0, 0) leaves it alone.
+    gray_p: probability of the grayscale conversion, after the jitter.
+    blur_p: probability of a Gaussian blur, its sigma drawn uniformly from blur_sigma (min, max).
+    solarize_p: probability of solarizing (inverting values >= 128 of 255).
+    """
+
+    flip_p: float
+    jitter_p: float
+    brightness: tuple[float, float]
+    contrast: tuple[float, float]
+    saturation: tuple[float, float]
+    hue: tuple[float, float]
+    gray_p: float
+    blur_p: float
+    blur_sigma: tuple[float, float]
+    solarize_p: float
+
+    @property
+    def distorts_colour(self) -> bool:
+        """Whether the colour stage (jitter, then grayscale) runs at all: the backends draw its
+        random decisions only then."""
+        return self.jitter_p > 0 or self.gray_p > 0
+
+
+# A crop that no transform touches. blur_sigma is unused at blur_p 0, but valid.
+IDENTITY = CropAugmentation(flip_p=0.0, jitter_p=0.0, brightness=(1.0, 1.0), contrast=(1.0, 1.0),
+                            saturation=(1.0, 1.0), hue=(0.0, 0.0), gray_p=0.0, blur_p=0.0, blur_sigma=(1.0, 1.0),
+                            solarize_p=0.0)
+_PER_CROP_FIELDS = ("flip_p", "jitter_p", "gray_p", "blur_p", "solarize_p")  # may differ from crop to crop
 
 
 @dataclass(frozen=True)
 class MultiCropRecipe:
-    """The multi-crop augmentation, one entry per crop group or per crop.
+    """The multi-crop augmentation: the geometry per crop group, the rest per crop.
 
     size_crops: side of the square output of each crop group, e.g. (224, 96).
     num_crops: number of crops of each group, e.g. (2, 6).
     crop_scales: (min, max) area fraction of each group, e.g. ((0.14, 1.0), (0.05, 0.14)).
     crop_ratio: (min, max) aspect ratio (w / h) of every crop.
-    flip_p: horizontal flip probability.
-    color_strength: colour distortion strength s, or None without colour distortion.
-    color_p, gray_p: probabilities of the colour jitter and of the grayscale conversion.
-    blur_p, solarize_p: one probability per crop (len total_num_crops).
-    blur_sigma: (min, max) of the Gaussian blur sigma, drawn uniformly.
+    augmentations: what happens to each crop after the crop, in crop order (len total_num_crops).
     mean, std: per-channel normalisation of [0, 1] images.
     """
 
@@ -49,13 +175,7 @@ class MultiCropRecipe:
     num_crops: tuple[int, ...]
     crop_scales: tuple[tuple[float, float], ...]
     crop_ratio: tuple[float, float]
-    flip_p: float
-    color_strength: float | None
-    color_p: float
-    gray_p: float
-    blur_p: tuple[float, ...]
-    blur_sigma: tuple[float, float]
-    solarize_p: tuple[float, ...]
+    augmentations: tuple[CropAugmentation, ...]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
@@ -81,140 +201,154 @@ def blur_kernel_size(crop_size: int) -> int:
 
 
 def recipe_from_transforms(transforms: Sequence[dict[str, Any]]) -> MultiCropRecipe:
-    """Parse a VISSL transform list (plain dicts, e.g. DATA.TRAIN.TRANSFORMS) into a recipe.
+    """Check and parse a VISSL transform list (plain dicts, e.g. DATA.TRAIN.TRANSFORMS) into a recipe.
 
-    Raises ValueError with a one-line message on an unknown transform name, a missing crop
-    transform, or inconsistent crop counts.
+    Raises ValueError with a one-line message on an unknown transform, key or type, a missing
+    crop transform, inconsistent crop counts, or two transforms setting the same value.
     """
     crop: dict[str, Any] | None = None
     replicate = 1
-    flip_p = 0.0
-    color_strength = None
-    blur_p: Any = 0.0
-    blur_sigma = (0.1, 2.0)
-    solarize_p: Any = 0.0
+    resolved: dict[str, Any] = {}  # CropAugmentation field -> a value for every crop, or a list per crop/group
+    set_by: dict[str, str] = {}
     mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     for transform in transforms:
-        name = transform.get("name")
-        if name in ("ImgPilToMultiCrop", "RandomResizedCrop"):
+        name, keys = checked_keys(transform)
+        if name in _CROP_TRANSFORMS:
             if crop is not None:
                 raise ValueError(f"transforms: a second crop transform {name!r}; give exactly one")
-            crop = _parse_crop(transform)
+            crop = _parse_crop(name, keys)
         elif name == "ImgReplicatePil":
-            replicate = int(transform.get("num_times", 2))
-        elif name == "RandomHorizontalFlip":
-            flip_p = float(transform.get("p", 0.5))
-        elif name == "ImgPilColorDistortion":
-            color_strength = float(transform.get("strength", 1.0))
-        elif name == "ImgPilGaussianBlur":
-            blur_p = transform.get("p", 0.5)
-            blur_sigma = (float(transform.get("radius_min", 0.1)), float(transform.get("radius_max", 2.0)))
-        elif name == "ImgPilRandomSolarize":
-            solarize_p = transform.get("p", 0.2)
-        elif name == "ImgPilMultiCropRandomApply":
-            inner, prob = _parse_random_apply(transform)
-            if inner["name"] == "ImgPilGaussianBlur":
-                blur_p = _scale_p(prob, inner.get("p", 1.0))
-                blur_sigma = (float(inner.get("radius_min", 0.1)), float(inner.get("radius_max", 2.0)))
-            else:
-                solarize_p = _scale_p(prob, inner.get("p", 1.0))
-        elif name == "ToTensor":
-            pass
+            replicate = keys["num_times"]
         elif name == "Normalize":
-            mean = tuple(float(v) for v in transform["mean"])
-            std = tuple(float(v) for v in transform["std"])
-        else:
-            raise ValueError(f"transforms: unknown transform name {name!r}")
+            mean, std = keys["mean"], keys["std"]
+        elif name != "ToTensor":
+            for field, value in _resolve_photometric(name, keys).items():
+                if field in set_by:
+                    raise ValueError(f"transforms: {name} and {set_by[field]} both set {field}; give one")
+                resolved[field], set_by[field] = value, name
     if crop is None:
         raise ValueError("transforms: no crop transform; add ImgPilToMultiCrop or RandomResizedCrop")
     if replicate != 1:
-        if len(crop["num_crops"]) != 1 or crop["num_crops"][0] != 1:
+        if crop["num_crops"] != (1,):
             raise ValueError("transforms: ImgReplicatePil needs a single RandomResizedCrop")
         crop["num_crops"] = (replicate,)
     if sum(crop["num_crops"]) < 1:
         raise ValueError("transforms: the crop transform makes no crops")
-    return MultiCropRecipe(
-        size_crops=crop["size_crops"],
-        num_crops=crop["num_crops"],
-        crop_scales=crop["crop_scales"],
-        crop_ratio=crop["crop_ratio"],
-        flip_p=flip_p,
-        color_strength=color_strength,
-        color_p=_COLOR_P,
-        gray_p=_GRAY_P,
-        blur_p=_per_crop(blur_p, crop["num_crops"], name="ImgPilGaussianBlur p"),
-        blur_sigma=blur_sigma,
-        solarize_p=_per_crop(solarize_p, crop["num_crops"], name="ImgPilRandomSolarize p"),
-        mean=_three(mean, "Normalize mean"),
-        std=_three(std, "Normalize std"),
-    )
+    per_crop = {field: _per_crop(resolved.pop(field), crop["num_crops"], name=set_by[field])
+                for field in _PER_CROP_FIELDS if field in resolved}
+    augmentations = tuple(
+        replace(IDENTITY, **resolved, **{field: values[crop_index] for field, values in per_crop.items()})
+        for crop_index in range(sum(crop["num_crops"])))
+    return MultiCropRecipe(augmentations=augmentations, mean=mean, std=std, **crop)
 
 
-def _parse_crop(transform: dict[str, Any]) -> dict[str, Any]:
-    if transform["name"] == "RandomResizedCrop":
-        size = transform["size"]
-        size = size[0] if isinstance(size, (list, tuple)) else size
-        return dict(
-            size_crops=(int(size),),
-            num_crops=(1,),
-            crop_scales=(_pair(transform.get("scale", _DEFAULT_RRC_SCALE), "RandomResizedCrop scale"),),
-            crop_ratio=_pair(transform.get("ratio", _DEFAULT_RATIO), "RandomResizedCrop ratio"),
-        )
-    size_crops = tuple(int(s) for s in transform["size_crops"])
-    num_crops = tuple(int(n) for n in transform["num_crops"])
-    crop_scales = tuple(_pair(s, "ImgPilToMultiCrop crop_scales") for s in transform["crop_scales"])
-    total = int(transform.get("total_num_crops", sum(num_crops)))
-    if not (len(size_crops) == len(num_crops) == len(crop_scales)):
-        raise ValueError(
-            f"ImgPilToMultiCrop: size_crops {list(size_crops)}, num_crops {list(num_crops)} and "
-            f"crop_scales {[list(s) for s in crop_scales]} must have one entry per crop group"
-        )
-    if sum(num_crops) != total:
-        raise ValueError(
-            f"ImgPilToMultiCrop: sum(num_crops) = {sum(num_crops)} != total_num_crops = {total}"
-        )
-    return dict(size_crops=size_crops, num_crops=num_crops, crop_scales=crop_scales, crop_ratio=_DEFAULT_RATIO)
+def checked_keys(transform: Any) -> tuple[str, dict[str, Any]]:
+    """(name, {key: value}) of one transform entry, every key of its TRANSFORM_KEYS entry present
+    (defaults filled in) and converted; a one-line ValueError on anything else."""
+    supported = ", ".join(TRANSFORM_KEYS)
+    if not isinstance(transform, dict) or "name" not in transform:
+        raise ValueError(f"transforms: {transform!r} is not a transform (a dict with a name); supported: {supported}")
+    name = transform["name"]
+    if name not in TRANSFORM_KEYS:
+        close = difflib.get_close_matches(str(name), TRANSFORM_KEYS, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"transforms: unknown transform {name!r}{hint}; supported: {supported}")
+    schema = TRANSFORM_KEYS[name]
+    for key in transform:
+        if key != "name" and key not in schema:
+            if not schema:
+                raise ValueError(f"transforms: {name} has no key {key!r}; it takes none")
+            closest = difflib.get_close_matches(str(key), schema, n=1, cutoff=0.0)[0]
+            raise ValueError(f"transforms: {name} has no key {key!r}; did you mean {closest!r}?")
+    values = {}
+    for key, (kind, default) in schema.items():
+        if key not in transform:
+            if default is REQUIRED:
+                raise ValueError(f"transforms: {name} needs key {key!r} ({kind.description})")
+            values[key] = default
+            continue
+        try:
+            values[key] = kind.convert(transform[key])
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"transforms: {name} {key} must be {kind.description}, got {transform[key]!r}") from None
+    return name, values
 
 
-def _parse_random_apply(transform: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-    inner = transform.get("transforms", [])
-    if len(inner) != 1 or inner[0].get("name") not in ("ImgPilGaussianBlur", "ImgPilRandomSolarize"):
-        raise ValueError(
-            "ImgPilMultiCropRandomApply: supported only around one ImgPilGaussianBlur or ImgPilRandomSolarize"
-        )
-    return inner[0], transform["prob"]
+def _resolve_photometric(name: str, keys: dict[str, Any]) -> dict[str, Any]:
+    """The CropAugmentation fields that a photometric transform sets. A probability may be one
+    value for every crop or a list per crop or crop group (expanded later)."""
+    if name == "RandomHorizontalFlip":
+        return {"flip_p": keys["p"]}
+    if name == "ImgPilColorDistortion":
+        # VISSL's (SimCLR's) colour distortion of strength s.
+        s = keys["strength"]
+        return {"jitter_p": 0.8, **_jitter_ranges(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), "gray_p": 0.2}
+    if name == "ImgPilGaussianBlur":
+        return {"blur_p": keys["p"], "blur_sigma": _ordered(keys["radius_min"], keys["radius_max"], name)}
+    if name == "ImgPilRandomSolarize":
+        return {"solarize_p": keys["p"]}
+    if name == "ImgPilMultiCropRandomApply":
+        inner = keys["transforms"]
+        if len(inner) != 1 or inner[0].get("name") not in _WRAPPABLE:
+            raise ValueError(f"transforms: {name} is supported around one of {', '.join(_WRAPPABLE)} only")
+        fields = _resolve_photometric(*checked_keys(inner[0]))
+        probability = next(field for field in fields if field.endswith("_p"))
+        fields[probability] = _scale(keys["prob"], fields[probability])
+        return fields
+    raise AssertionError(f"{name} is in TRANSFORM_KEYS but not resolved")
 
 
-def _scale_p(prob: Any, inner_p: Any) -> list[float] | float:
-    """The probability of applying a wrapped transform: outer prob times its own p."""
-    if isinstance(prob, (list, tuple)):
-        return [float(p) * float(inner_p) for p in prob]
-    return float(prob) * float(inner_p)
+def _jitter_ranges(brightness: float, contrast: float, saturation: float, hue: float) -> dict[str, tuple]:
+    """torchvision's ColorJitter(brightness, contrast, saturation, hue) as factor ranges: a
+    factor in [max(0, 1 - x), 1 + x] for the first three, a hue shift in [-hue, hue] turns."""
+    return {"brightness": (max(0.0, 1.0 - brightness), 1.0 + brightness),
+            "contrast": (max(0.0, 1.0 - contrast), 1.0 + contrast),
+            "saturation": (max(0.0, 1.0 - saturation), 1.0 + saturation),
+            "hue": (-hue, hue)}
 
 
-def _per_crop(p: Any, num_crops: tuple[int, ...], *, name: str) -> tuple[float, ...]:
+def _ordered(low: float, high: float, name: str) -> tuple[float, float]:
+    if not 0 < low <= high:
+        raise ValueError(f"transforms: {name} radius_min {low} and radius_max {high} need 0 < min <= max")
+    return low, high
+
+
+def _scale(prob: float | tuple[float, ...], inner_p: float | tuple[float, ...]) -> float | tuple[float, ...]:
+    """The probability of a wrapped transform: the wrapper's prob (per crop) times its own p."""
+    if isinstance(inner_p, tuple):
+        raise ValueError("transforms: a transform inside ImgPilMultiCropRandomApply takes one p; "
+                         "give the per-crop values in prob")
+    if isinstance(prob, tuple):
+        return tuple(p * inner_p for p in prob)
+    return prob * inner_p
+
+
+def _per_crop(p: float | tuple[float, ...], num_crops: tuple[int, ...], *, name: str) -> tuple[float, ...]:
     """Expand a probability given as a float, one per crop, or one per crop group to one per crop."""
     total = sum(num_crops)
-    if not isinstance(p, (list, tuple)):
-        values = [float(p)] * total
-    elif len(p) == total:
-        values = [float(v) for v in p]
-    elif len(p) == len(num_crops):
-        values = [float(v) for v, count in zip(p, num_crops) for _ in range(count)]
-    else:
-        raise ValueError(f"{name}: {len(p)} values for {total} crops in {len(num_crops)} groups")
-    if any(not 0.0 <= v <= 1.0 for v in values):
-        raise ValueError(f"{name}: probabilities {values} must lie in [0, 1]")
-    return tuple(values)
+    if not isinstance(p, tuple):
+        return (p,) * total
+    if len(p) == total:
+        return p
+    if len(p) == len(num_crops):
+        return tuple(v for v, count in zip(p, num_crops) for _ in range(count))
+    raise ValueError(f"transforms: {name}: {len(p)} values for {total} crops in {len(num_crops)} groups")
 
 
-def _pair(value: Any, name: str) -> tuple[float, float]:
-    if len(value) != 2 or not float(value[0]) <= float(value[1]) or math.isnan(float(value[0])):
-        raise ValueError(f"{name}: {list(value)} is not a (min, max) pair")
-    return float(value[0]), float(value[1])
-
-
-def _three(value: tuple[float, ...], name: str) -> tuple[float, float, float]:
-    if len(value) != 3:
-        raise ValueError(f"{name}: {list(value)} needs one value per RGB channel")
-    return value[0], value[1], value[2]
+def _parse_crop(name: str, keys: dict[str, Any]) -> dict[str, Any]:
+    if name == "RandomResizedCrop":
+        return dict(size_crops=(keys["size"],), num_crops=(1,), crop_scales=(keys["scale"],), crop_ratio=keys["ratio"])
+    size_crops, num_crops, crop_scales = keys["size_crops"], keys["num_crops"], keys["crop_scales"]
+    if not (len(size_crops) == len(num_crops) == len(crop_scales)):
+        raise ValueError(
+            f"transforms: ImgPilToMultiCrop size_crops {list(size_crops)}, num_crops {list(num_crops)} and "
+            f"crop_scales {[list(s) for s in crop_scales]} must have one entry per crop group"
+        )
+    total = keys["total_num_crops"]
+    if total is not None and sum(num_crops) != total:
+        raise ValueError(
+            f"transforms: ImgPilToMultiCrop sum(num_crops) = {sum(num_crops)} != total_num_crops = {total}"
+        )
+    return dict(size_crops=size_crops, num_crops=num_crops, crop_scales=crop_scales,
+                crop_ratio=TRANSFORM_KEYS["RandomResizedCrop"]["ratio"].default)

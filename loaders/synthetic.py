@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from loaders.cache import cache_dir
+
 log = logging.getLogger(__name__)
 
 CLASS_NAMES = (
@@ -71,8 +73,7 @@ def ensure_synthetic_dataset(
         "classes": list(CLASS_NAMES),
     }
     if root is None:
-        cache = Path(os.environ.get("FASTSSL_CACHE") or Path.home() / ".cache" / "fastssl")
-        root = cache / (
+        root = cache_dir() / (
             f"synthetic-{image_size}px-{train_per_class}x{val_per_class}-seed{seed}-v{_GENERATOR_VERSION}"
         )
     root = Path(root).expanduser()

@@ -103,6 +103,36 @@ def test_per_crop_solarize_probability():
     assert torch.allclose(second, torch.full_like(second, 55 / 255))
 
 
+BYOL_VIEWS = [
+    dict(name="ImgReplicatePil", num_times=2),
+    dict(name="RandomResizedCrop", size=16, scale=[1.0, 1.0], ratio=[1.0, 1.0]),
+    dict(name="ImgPilMultiCropRandomApply", prob=[1.0, 0.1],
+         transforms=[dict(name="ImgPilGaussianBlur", p=1.0, radius_min=1.0, radius_max=2.0)]),
+    dict(name="ImgPilMultiCropRandomApply", prob=[0.0, 0.2], transforms=[dict(name="ImgPilRandomSolarize", p=1.0)]),
+]
+
+
+def test_asymmetric_views_apply_each_crops_own_probabilities():
+    """BYOL's per-view blur (1.0 / 0.1) and solarize (0.0 / 0.2), resolved by the recipe, on a fixed seed."""
+    multicrop = DeviceMultiCrop(recipe_from_transforms(BYOL_VIEWS), dtype=torch.float32, device="cpu")
+    n = 1000
+    sizes = torch.tensor([[16, 16]]).repeat(n, 1)
+    # A flat image stays flat under blur: only solarize changes it (200 -> 55).
+    flat = torch.full((n, 3, 16, 16), 200, dtype=torch.uint8)
+    first, second = multicrop(flat, sizes, generator=_generator(11))
+    solarized = [(crop - 55 / 255).abs().amax(dim=(1, 2, 3)) < 1e-5 for crop in (first, second)]
+    kept = [(crop - 200 / 255).abs().amax(dim=(1, 2, 3)) < 1e-5 for crop in (first, second)]
+    assert all((s ^ k).all() for s, k in zip(solarized, kept))  # each crop is one or the other, exactly
+    assert not solarized[0].any()  # crop 1: never
+    assert solarized[1].float().mean().item() == pytest.approx(0.2, abs=4 * math.sqrt(0.2 * 0.8 / n))
+    # A checkerboard shows the blur: crop 1 always, crop 2 at a rate of 0.1.
+    checkerboard = ((torch.arange(16)[:, None] + torch.arange(16)[None, :]) % 2 * 100 + 20).to(torch.uint8)
+    first, second = multicrop(checkerboard.expand(n, 3, 16, 16).contiguous(), sizes, generator=_generator(12))
+    blurred = [(crop - checkerboard.float() / 255).abs().amax(dim=(1, 2, 3)) > 1e-3 for crop in (first, second)]
+    assert blurred[0].all()
+    assert blurred[1].float().mean().item() == pytest.approx(0.1, abs=4 * math.sqrt(0.1 * 0.9 / n))
+
+
 @pytest.fixture
 def colour_batch():
     x = torch.rand(6, 3, 9, 11, generator=_generator(3))
@@ -158,7 +188,9 @@ def _reference_color_distortion(x, *, strength, seed, clamp_each_op):
 
 
 def _distort(x, *, strength, seed):
-    draws = augment.draw_color_jitter(x.shape[0], strength=strength, color_p=1.0, gray_p=0.0,
+    (jitter,) = _only([dict(name="ImgPilColorDistortion", strength=strength)]).augmentations
+    ranges = torch.tensor([jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue]).expand(x.shape[0], 4, 2)
+    draws = augment.draw_color_jitter(ranges, jitter_p=torch.ones(x.shape[0]), gray_p=torch.zeros(x.shape[0]),
                                       generator=_generator(seed))
     matrix, pivot = augment.color_transform(draws)
     offset = (pivot.double() @ x.mean(dim=(-2, -1)).double()[:, :, None])[..., 0]

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from loaders import folder
+from loaders import images
 from loaders.build import build_eval_loader, build_train_loader
-from loaders.folder import list_images
+from loaders.images import list_images
 
 
 # The parameters of conftest's tiny_root: 10 classes, 4 train and 2 val images each, 32x32.
@@ -92,6 +92,27 @@ def test_eval_loader_is_sequential_and_complete(tiny_root):
     assert torch.cat([b.labels for b in batches]).tolist() == sorted(torch.cat([b.labels for b in batches]).tolist())
 
 
+def test_eval_loader_shards_by_rank_in_dataset_order(tiny_root):
+    def eval_loader(rank, world_size):
+        return build_eval_loader(
+            source="synthetic", data_path=str(tiny_root), split="val", image_size=16, batch_size=3, num_workers=0,
+            data_limit=-1, device="cpu", dtype=torch.float32, synthetic_params=TINY, mean=(0.5,) * 3,
+            std=(0.2,) * 3, rank=rank, world_size=world_size,
+        )
+
+    whole = list(eval_loader(0, 1))
+    ranks = [eval_loader(rank, 3) for rank in range(3)]
+    assert all(loader.num_samples == 20 for loader in ranks)
+    shards = [list(loader) for loader in ranks]
+    assert [sum(b.batch_size for b in shard) for shard in shards] == [6, 7, 7]
+    assert [len(loader) for loader in ranks] == [2, 3, 3]
+    # Gathered in rank order: the single-process pass, indices and crops alike.
+    gathered_indices = torch.cat([b.indices for shard in shards for b in shard])
+    assert gathered_indices.tolist() == list(range(20))
+    gathered_crops = torch.cat([b.crops[0] for shard in shards for b in shard])
+    assert torch.equal(gathered_crops, torch.cat([b.crops[0] for b in whole]))
+
+
 def _bad_folder(root):
     """8 readable files in every awkward format plus 5 that cannot be decoded, flat (no labels)."""
     root.mkdir()
@@ -118,10 +139,10 @@ def test_bad_inputs_are_converted_or_skipped(tmp_path, small_recipe, caplog, mon
     _bad_folder(tmp_path / "bad")
     # Scaled-down limits: 06_huge.jpg is a "decompression bomb" to PIL and above the decode limit.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)
-    monkeypatch.setattr(folder, "MAX_DECODED_PIXELS", 90_000)
+    monkeypatch.setattr(images, "MAX_DECODED_PIXELS", 90_000)
     loader = _train_loader(tmp_path / "bad", small_recipe, source="disk_folder", batch_size=13)
     assert loader.num_samples == 13
-    with caplog.at_level(logging.WARNING, logger="loaders.build"):
+    with caplog.at_level(logging.WARNING, logger="loaders.folder"):
         for epoch in range(2):
             loader.set_epoch(epoch)
             batches = list(loader)

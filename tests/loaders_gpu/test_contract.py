@@ -29,7 +29,7 @@ def _require(backend: str) -> None:
 @pytest.fixture(scope="session")
 def tiny_beton(tiny_folder, tmp_path_factory):
     pytest.importorskip("ffcv", reason="ffcv is not installed (pip install fastssl[ffcv])")
-    from loaders.convert import convert_image_folder
+    from loaders.beton import convert_image_folder
 
     beton = tmp_path_factory.mktemp("beton") / "tiny.beton"
     convert_image_folder(tiny_folder, beton, max_resolution=64, write_mode="proportion", jpeg_quality=90,
@@ -144,13 +144,14 @@ def _crop_statistics(loader, *, recipe, epochs: int):
 # FFCV's crops are loaders.augment.DeviceMultiCrop, whose statistics are tested at the augment level.
 @pytest.mark.parametrize("backend", ["dali"])
 def test_augmentation_statistics_match_the_reference(backend, tmp_path, tiny_recipe):
-    from dataclasses import replace
+    from loaders.recipe import recipe_from_transforms
 
     _require(backend)
     folder = _gradient_folder(tmp_path, count=48)
-    geometry = replace(tiny_recipe, num_crops=(1,), size_crops=(32,), crop_scales=((0.2, 0.6),), color_strength=None,
-                       blur_p=(0.0,), solarize_p=(0.0,), flip_p=0.5)
-    colour = replace(geometry, color_strength=0.5)
+    crop = [dict(name="RandomResizedCrop", size=32, scale=[0.2, 0.6]), dict(name="RandomHorizontalFlip", p=0.5),
+            dict(name="Normalize", mean=list(tiny_recipe.mean), std=list(tiny_recipe.std))]
+    geometry = recipe_from_transforms(crop)
+    colour = recipe_from_transforms([*crop, dict(name="ImgPilColorDistortion", strength=0.5)])
     beton = None
     stats = {}
     for name in ("torchvision", backend):

@@ -11,7 +11,7 @@ from conftest import BAD_FOLDER_READABLE, BAD_FOLDER_SKIPPED
 pytest.importorskip("ffcv", reason="ffcv is not installed (pip install fastssl[ffcv])")
 
 from loaders.convert import main  # noqa: E402
-from loaders.ffcv import read_beton_table  # noqa: E402
+from loaders.beton import read_beton_table  # noqa: E402
 
 
 def test_convert_verify_and_read_back(tiny_folder, tmp_path, caplog):
@@ -20,8 +20,8 @@ def test_convert_verify_and_read_back(tiny_folder, tmp_path, caplog):
     from ffcv.reader import Reader
     from ffcv.transforms import ToTensor
 
-    from loaders.convert import list_samples, read_rgb
-    from loaders.ffcv import PaddedRGBDecoder
+    from loaders.beton import PaddedRGBDecoder, read_rgb
+    from loaders.images import list_samples
 
     output = tmp_path / "out" / "tiny.beton"
     with caplog.at_level(logging.INFO):

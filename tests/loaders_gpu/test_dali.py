@@ -10,7 +10,7 @@ from conftest import BAD_FOLDER_READABLE, BAD_FOLDER_SKIPPED
 
 pytest.importorskip("nvidia.dali", reason="dali is not installed (pip install fastssl[dali])")
 
-from loaders.convert import DatasetError  # noqa: E402
+from loaders.images import DatasetError  # noqa: E402
 from loaders.dali import build_dali_loader  # noqa: E402
 
 
@@ -59,18 +59,26 @@ def test_file_list_source_carries_its_labels(tiny_folder, tmp_path, tiny_recipe)
     assert torch.equal(torch.cat([b.labels for b in batches]), 7 + indices % 2)
 
 
-def _single_crop_outputs(folder, recipe, **changes):
-    """Pixels (n, 64, 64, 3) float64 in 0..255 of whole-image crops of the 64x64 images in folder."""
+def _whole_image_crops(folder, recipe, *changes):
+    """Pixels (n, 64, 64, 3) float64 in 0..255 of whole-image crops of the 64x64 images in folder,
+    one crop per dict of changes to the identity augmentation."""
     from dataclasses import replace
 
-    plain = dict(size_crops=(64,), num_crops=(1,), crop_scales=((1.0, 1.0),), crop_ratio=(1.0, 1.0), flip_p=0.0,
-                 color_strength=None, blur_p=(0.0,), solarize_p=(0.0,), mean=(0.0,) * 3, std=(1 / 255,) * 3)
-    recipe = replace(recipe, **{**plain, **changes})
+    from loaders.recipe import IDENTITY
+
+    recipe = replace(recipe, size_crops=(64,), num_crops=(len(changes),), crop_scales=((1.0, 1.0),),
+                     crop_ratio=(1.0, 1.0), augmentations=tuple(replace(IDENTITY, **c) for c in changes),
+                     mean=(0.0,) * 3, std=(1 / 255,) * 3)
     loader = _build(folder, recipe, batch_size=2)
     loader.set_epoch(0)
     batches = list(loader)
     order = torch.cat([b.indices for b in batches]).argsort()
-    return torch.cat([b.crops[0] for b in batches])[order].permute(0, 2, 3, 1).double().numpy()
+    return [torch.cat([b.crops[crop] for b in batches])[order].permute(0, 2, 3, 1).double().numpy()
+            for crop in range(len(changes))]
+
+
+def _single_crop_outputs(folder, recipe, **changes):
+    return _whole_image_crops(folder, recipe, changes)[0]
 
 
 def test_pipeline_ops_match_float64_references(tmp_path, tiny_recipe):
@@ -89,14 +97,16 @@ def test_pipeline_ops_match_float64_references(tmp_path, tiny_recipe):
     identity = _single_crop_outputs(tmp_path, tiny_recipe)
     assert np.abs(identity - images).max() <= 1  # a whole-image crop at the same size is the image
 
-    solarized = _single_crop_outputs(tmp_path, tiny_recipe, solarize_p=(1.0,))
+    # Per-crop values: the first crop is never solarized, the second always.
+    plain, solarized = _whole_image_crops(tmp_path, tiny_recipe, {}, {"solarize_p": 1.0})
+    assert np.abs(plain - images).max() <= 1
     assert np.abs(solarized - np.where(images >= 128, 255 - images, images)).max() <= 1
 
-    grey = _single_crop_outputs(tmp_path, tiny_recipe, color_strength=1.0, color_p=0.0, gray_p=1.0)
+    grey = _single_crop_outputs(tmp_path, tiny_recipe, gray_p=1.0)
     luma = images @ np.array([0.299, 0.587, 0.114])
     assert np.abs(grey - luma[..., None]).max() <= 2
 
-    blurred = _single_crop_outputs(tmp_path, tiny_recipe, blur_p=(1.0,), blur_sigma=(1.5, 1.5))
+    blurred = _single_crop_outputs(tmp_path, tiny_recipe, blur_p=1.0, blur_sigma=(1.5, 1.5))
     size = blur_kernel_size(64)
     offsets = np.arange(size) - size // 2
     weights = np.exp(-0.5 * (offsets / 1.5) ** 2)
