@@ -1,0 +1,61 @@
+"""fastssl's recipes against VISSL's own files (facebookresearch/vissl at commit 09270ed2): each test pins
+the value VISSL's file gives, named beside it, so a drift from VISSL is a failing test, not a surprise."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastssl.config import compose_config
+from fastssl.train import derive, main
+
+IMAGENET = 1281167
+
+
+def lr_schedule(argv, *, world_size, iterations_per_epoch=100):
+    cfg = compose_config(argv)
+    derived = derive(cfg, world_size=world_size, num_samples=IMAGENET, iterations_per_epoch=iterations_per_epoch)
+    return derived["lr_schedule"]
+
+
+# ---- defaults (issue 10, item 6) -----------------------------------------------------------------
+
+def test_defaults_are_vissls():
+    """vissl/config/defaults.yaml: DATA.TRAIN.DROP_LAST False, OPTIMIZER.num_epochs 90, regularize_bn False,
+    regularize_bias True, lr: multistep per epoch, values [0.1, 0.01, 0.001] at milestones [30, 60],
+    auto_lr_scaling off (base 0.1 per 256 images, scaling_type linear)."""
+    cfg = compose_config([])
+    assert cfg.DATA.TRAIN.DROP_LAST is False
+    assert cfg.OPTIMIZER.num_epochs == 90
+    assert cfg.OPTIMIZER.regularize_bn is False and cfg.OPTIMIZER.regularize_bias is True
+    lr = cfg.OPTIMIZER.param_schedulers.lr
+    assert (lr.name, lr.update_interval) == ("multistep", "epoch")
+    assert list(lr["values"]) == [0.1, 0.01, 0.001] and list(lr.milestones) == [30, 60]
+    assert lr.auto_lr_scaling.auto_scale is False
+    assert (lr.auto_lr_scaling.base_value, lr.auto_lr_scaling.base_lr_batch_size) == (0.1, 256)
+    schedule = lr_schedule([], world_size=1, iterations_per_epoch=10)
+    assert len(schedule) == 90 * 10
+    assert schedule[[0, 299, 300, 599, 600, 899]] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+
+
+@pytest.mark.parametrize("config", ["pretrain/npid/npid_8gpu_resnet", "pretrain/npid/npid++_4nodes_resnet"])
+def test_npid_seeds_keep_the_last_incomplete_batch(config):
+    """VISSL's npid_8gpu_resnet.yaml and npid++_4nodes_resnet.yaml leave DROP_LAST at its default, False."""
+    assert compose_config([f"config={config}"]).DATA.TRAIN.DROP_LAST is False
+
+
+def test_npid_seed_trains_through_a_short_last_batch(tmp_path):
+    """With DROP_LAST False, 12 samples in batches of 8 give a batch of 8 and one of 4 per epoch."""
+    argv = ["config=pretrain/npid/npid_8gpu_resnet", "config.MODEL.TRUNK.RESNETS.DEPTH=18",
+            "config.DISTRIBUTED.NUM_PROC_PER_NODE=1", "config.MACHINE.DEVICE=cpu", "config.DISTRIBUTED.BACKEND=gloo",
+            "config.DATA.TRAIN.SYNTHETIC.IMAGE_SIZE=32", "config.DATA.TRAIN.SYNTHETIC.TRAIN_PER_CLASS=4",
+            "config.DATA.TRAIN.SYNTHETIC.VAL_PER_CLASS=2", "config.DATA.NUM_DATALOADER_WORKERS=0",
+            "config.DATA.TRAIN.DATA_LIMIT=12", "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=8",
+            "config.DATA.TRAIN.TRANSFORMS=[{name: RandomResizedCrop, size: 16}, {name: ToTensor}]",
+            "config.LOSS.nce_loss_with_memory.negative_sampling_params.num_negatives=8",
+            "config.HOOKS.TENSORBOARD_SETUP.USE_TENSORBOARD=False", "config.LOG_FREQUENCY=1",
+            "config.OPTIMIZER.num_epochs=1", f"config.CHECKPOINT.DIR={tmp_path}"]
+    assert main(argv) == 0
+    records = [json.loads(line) for line in (Path(tmp_path) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1] and all(math.isfinite(r["loss"]) for r in records)
