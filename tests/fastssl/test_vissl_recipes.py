@@ -63,6 +63,56 @@ def test_npid_seed_trains_through_a_short_last_batch(tmp_path):
     assert [r["step"] for r in records] == [0, 1] and all(math.isfinite(r["loss"]) for r in records)
 
 
+# ---- recipe values (items 2, 3, 4) -----------------------------------------------------------------
+
+def test_deepclusterv2_recipe_is_100_epochs_with_10_warmup_epochs():
+    """VISSL's deepclusterv2_2crops_resnet.yaml: num_epochs 100, lengths [0.1, 0.9], linear then cosine to 0,
+    0.3 per 256 images (4.8 at 4,096), the warm-up from one node's LR (0.3 * 512 / 256 = 0.6)."""
+    config = "config=pretrain/deepcluster_v2/deepclusterv2_2crops_resnet"
+    cfg = compose_config([config])
+    assert cfg.OPTIMIZER.num_epochs == 100 and list(cfg.OPTIMIZER.param_schedulers.lr.lengths) == [0.1, 0.9]
+    iterations = IMAGENET // 4096
+    lr = lr_schedule([config], world_size=64, iterations_per_epoch=iterations)
+    warmup = 10 * iterations
+    assert len(lr) == 100 * iterations
+    assert lr[0] == pytest.approx(0.6)
+    assert lr[warmup // 2] == pytest.approx(0.6 + (4.8 - 0.6) * (warmup // 2) / (0.1 * len(lr)))
+    assert lr[warmup] == pytest.approx(0.5 * 4.8 * (1 + math.cos(math.pi * warmup / len(lr))))
+    assert lr.max() == pytest.approx(4.8, rel=1e-3) and lr[-1] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_swav_multicrop_2x224_crop_scale():
+    """VISSL's configs/config/pretrain/swav/transforms/multicrop_2x224.yaml: crop_scales [[0.08, 1]]."""
+    cfg = compose_config(["config=pretrain/swav/swav_8node_resnet", "+config/pretrain/swav/transforms=multicrop_2x224"])
+    crop = cfg.DATA.TRAIN.TRANSFORMS[0]
+    assert [list(scale) for scale in crop.crop_scales] == [[0.08, 1]]
+    assert (list(crop.size_crops), list(crop.num_crops), crop.total_num_crops) == ([224], [2], 2)
+
+
+def test_npid_lr_is_scaled_to_the_global_batch():
+    """VISSL's npid_8gpu_resnet.yaml: auto_scale true, base_value 0.03 per 256 images, multistep
+    [0.03, 0.003, 0.0003] at epochs [120, 160]: 0.03 on 8 x 32 images, 0.06 on 16 x 32."""
+    config = "config=pretrain/npid/npid_8gpu_resnet"
+    scaling = compose_config([config]).OPTIMIZER.param_schedulers.lr.auto_lr_scaling
+    assert (scaling.auto_scale, scaling.base_value, scaling.base_lr_batch_size) == (True, 0.03, 256)
+    lr = lr_schedule([config], world_size=8, iterations_per_epoch=10)
+    assert list(lr[[0, 1199, 1200, 1599, 1600, 1999]]) == [0.03, 0.03, 0.003, 0.003, 0.0003, 0.0003]
+    lr = lr_schedule([config, "config.DISTRIBUTED.NUM_NODES=2"], world_size=16, iterations_per_epoch=10)
+    assert list(lr[[0, 1200, 1600]]) == [0.06, 0.006, 0.0006]
+
+
+def test_npid_plus_plus_lr_is_scaled_to_the_global_batch():
+    """VISSL's npid++_4nodes_resnet.yaml: auto_scale true, base_value 0.03 per 256 images, cosine from
+    0.12 to 0.00012 per epoch over 800 epochs: 0.12 on 4 nodes x 8 x 32 images."""
+    config = "config=pretrain/npid/npid++_4nodes_resnet"
+    lr = lr_schedule([config], world_size=32, iterations_per_epoch=10)
+    epochs = np.array([0, 400, 799])
+    assert len(lr) == 8000
+    assert lr[epochs * 10 + 9] == pytest.approx(0.00012 + 0.5 * (0.12 - 0.00012) * (1 + np.cos(np.pi * epochs / 800)))
+    lr = lr_schedule([config, "config.DISTRIBUTED.NUM_NODES=1"], world_size=8, iterations_per_epoch=10)
+    assert lr[0] == pytest.approx(0.03)
+
+
 # ---- LR scaling (item 9): vissl/utils/hydra_config.py -------------------------------------------------
 
 def test_one_node_removes_the_warmup_and_the_cosine_runs_the_whole_run():
