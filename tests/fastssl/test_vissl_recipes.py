@@ -6,9 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from fastssl.config import compose_config
+from fastssl.methods import RunInfo
+from fastssl.methods.swav import SwAV
 from fastssl.optim import precompute_schedule, scale_lr_schedule
 from fastssl.train import derive, main
 
@@ -164,3 +167,29 @@ def test_sqrt_scaling_through_the_entry_point():
     lr = lr_schedule(["config=pretrain/swav/swav_8node_resnet",
                       "config.OPTIMIZER.param_schedulers.lr.auto_lr_scaling.scaling_type=sqrt"], world_size=64)
     assert lr.max() == pytest.approx(1.2, rel=1e-3)
+
+
+# ---- names (item 10) -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, sizes, numbers, scales", [
+    ("multicrop_6crop_2x160_4x96", [160, 96], [2, 4], [[0.14, 1], [0.05, 0.14]]),
+    ("multicrop_6crop_2x224_4x96", [224, 96], [2, 4], [[0.14, 1], [0.05, 0.14]]),
+    ("multicrop_6crop_6x160", [160], [6], [[0.14, 1]]),
+])
+def test_vissls_swav_transform_groups_exist_under_their_names(name, sizes, numbers, scales):
+    """VISSL's configs/config/pretrain/swav/transforms/<name>.yaml: 6 crops with these sizes and scales."""
+    cfg = compose_config(["config=pretrain/swav/swav_8node_resnet", f"+config/pretrain/swav/transforms={name}"])
+    crop = cfg.DATA.TRAIN.TRANSFORMS[0]
+    assert crop.total_num_crops == 6 and list(crop.size_crops) == sizes and list(crop.num_crops) == numbers
+    assert [list(scale) for scale in crop.crop_scales] == scales
+
+
+def test_swav_queue_length_is_rounded_down_to_whole_global_batches():
+    """vissl/utils/hydra_config.py infer_losses_config: queue_length -= queue_length % global batch, and
+    local_queue_length = queue_length // world size (defaults.yaml says rounded down, as it is)."""
+    cfg = compose_config(["config=pretrain/swav/swav_8node_resnet", "config.LOSS.swav_loss.queue.queue_length=3840"])
+    run = RunInfo(rank=0, world_size=8, batch_size_per_replica=64, global_batch_size=512, num_crops=8,
+                  num_train_samples=IMAGENET, iterations_per_epoch=2502, total_iterations=2502, output_dir="",
+                  device=torch.device("cpu"), head_params=OmegaConf.to_container(cfg.MODEL.HEAD.PARAMS))
+    swav = SwAV.from_config(OmegaConf.to_container(cfg.LOSS.swav_loss), run)
+    assert swav.local_queue_length == 3584 // 8  # 3840 - 3840 % 512
