@@ -210,7 +210,8 @@ def derive(cfg: DictConfig, *, world_size: int, num_samples: int, iterations_per
     if scaling["auto_scale"]:
         lr_spec = scale_lr_schedule(lr_spec, base_value=scaling["base_value"],
                                     base_lr_batch_size=scaling["base_lr_batch_size"], global_batch=global_batch,
-                                    batch_per_node=batch * cfg.DISTRIBUTED.NUM_PROC_PER_NODE)
+                                    batch_per_node=batch * cfg.DISTRIBUTED.NUM_PROC_PER_NODE,
+                                    scaling_type=scaling["scaling_type"])
     total = optim_cfg.num_epochs * iterations_per_epoch
     if total <= 0:
         raise ConfigError(f"config.OPTIMIZER.num_epochs={optim_cfg.num_epochs} leaves nothing to train")

@@ -204,14 +204,27 @@ def precompute_schedule(spec: dict, *, total_steps: int, steps_per_epoch: int, u
 
 
 def scale_lr_schedule(spec: dict, *, base_value: float, base_lr_batch_size: int, global_batch: int,
-                      batch_per_node: int) -> dict:
-    """VISSL's auto_lr_scaling: the peak LR becomes base_value * global_batch / base_lr_batch_size.
+                      batch_per_node: int, scaling_type: str) -> dict:
+    """VISSL's auto_lr_scaling (vissl/utils/hydra_config.py: infer_learning_rate, get_scaled_lr_scheduler,
+    resolve_linear_schedule): the peak LR becomes base_value * f, where f = global_batch / base_lr_batch_size
+    (scaling_type linear, Goyal et al. 2017) or sqrt(f) (scaling_type sqrt).
 
-    Cosine keeps its end/start ratio, multistep its decay factor, linear ends at the scaled value; in a
-    composite schedule that opens with a linear warmup, the warmup starts from the LR scaled to one
-    node's batch (base_value * batch_per_node / base_lr_batch_size).
+    Cosine keeps its end/start ratio, multistep its decay factor (rounded to 6 decimals, the values to 8,
+    as VISSL does), linear ends at and constant becomes the scaled value. In a composite schedule every
+    linear part is a warm-up: it ends at the scaled value and starts from the LR scaled linearly to one
+    node's batch, base_value * batch_per_node / base_lr_batch_size. On one node (global_batch ==
+    batch_per_node) a warm-up that would not rise is removed, and a composite left with one part becomes
+    that part over the whole run: with linear scaling a one-node warm-up + cosine is a full-length cosine.
     """
-    scaled = base_value * global_batch / base_lr_batch_size
+    if scaling_type not in ("linear", "sqrt"):
+        raise ValueError(f"auto_lr_scaling.scaling_type must be linear or sqrt, got {scaling_type!r}")
+    factor = global_batch / base_lr_batch_size
+    scaled = base_value * (math.sqrt(factor) if scaling_type == "sqrt" else factor)
+    warmup_start = base_value * batch_per_node / base_lr_batch_size
+    return _scaled_schedule(spec, scaled=scaled, warmup_start=warmup_start, one_node=global_batch <= batch_per_node)
+
+
+def _scaled_schedule(spec: dict, *, scaled: float, warmup_start: float, one_node: bool) -> dict:
     spec = {**spec}
     name = spec["name"]
     if name == "cosine":
@@ -223,13 +236,21 @@ def scale_lr_schedule(spec: dict, *, base_value: float, base_lr_batch_size: int,
         spec.update(value=scaled)
     elif name == "multistep":
         values = spec["values"]
-        gamma = values[1] / values[0] if len(values) > 1 else 1.0
-        spec.update(values=[scaled * gamma ** i for i in range(len(values))])
+        gamma = round(values[1] / values[0], 6) if len(values) > 1 else 1.0
+        spec.update(values=[round(scaled * gamma ** i, 8) for i in range(len(values))])
     elif name == "composite":
-        subs = [scale_lr_schedule({**spec, **sub, "schedulers": [], "lengths": []}, base_value=base_value,
-                                  base_lr_batch_size=base_lr_batch_size, global_batch=global_batch,
-                                  batch_per_node=batch_per_node) for sub in spec["schedulers"]]
-        if subs and subs[0]["name"] == "linear":
-            subs[0]["start_value"] = base_value * batch_per_node / base_lr_batch_size
+        subs = [_scaled_schedule({**spec, **sub, "schedulers": [], "lengths": []}, scaled=scaled,
+                                 warmup_start=warmup_start, one_node=one_node) for sub in spec["schedulers"]]
+        warmups = [index for index, sub in enumerate(subs) if sub["name"] == "linear"]
+        for index in warmups:
+            subs[index]["start_value"] = warmup_start
+        flat = [index for index in warmups if one_node and subs[index]["start_value"] <= subs[index]["end_value"]]
+        if flat:  # VISSL removes the last such warm-up only
+            del subs[flat[-1]]
+            if len(subs) == 1:
+                return subs[0]
+            raise ValueError(f"auto_lr_scaling removed the composite schedule's one-node warm-up (it would not "
+                             f"rise), leaving {len(subs)} schedulers for {len(spec['lengths'])} lengths; VISSL "
+                             f"stops here too: remove the warm-up and its length from the config")
         spec.update(schedulers=subs)
     return spec

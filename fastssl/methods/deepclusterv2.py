@@ -131,8 +131,8 @@ class DeepClusterV2(Method):
         loader.set_epoch(0)
         for batch_number, batch in enumerate(loader):
             crops = [batch.crops[crop] for crop in self.crops_for_mb]
-            with self._autocast():
-                embedding = embedding_of(model(crops))  # (M * B, D)
+            with self._autocast():  # one forward per crop (BatchNorm over B rows), as VISSL's init_memory
+                embedding = torch.cat([embedding_of(model([crop])) for crop in crops])  # (M * B, D)
             self._write(F.normalize(embedding.float(), dim=1), batch.indices, batch_number, list(range(len(crops))))
         model.train(was_training)
 

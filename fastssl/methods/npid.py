@@ -97,10 +97,9 @@ class NPID(Method):
     @torch.no_grad()
     def on_train_start(self, *, model, loader, fresh_start: bool) -> None:
         if fresh_start:  # every rank drew its own bank: start from their mean (a resumed bank is equal already)
+            # Not normalised again, as VISSL's sync_memory: on W ranks the rows start with norm ~ 1/sqrt(W), and
+            # so do the first batch's scores and Z, estimated from them and fixed for the run.
             average_across_ranks(self.bank, self.process_group)
-            if self.norm_init and world_size(self.process_group) > 1:
-                # The mean of W unit rows has norm ~ 1/sqrt(W): normalise again, as norm_init asks.
-                self.bank.copy_(F.normalize(self.bank, dim=1))
 
     # ---------------- loss -------------------------------------------------------------------
     def loss(self, outputs, batch: Batch, *, step: int) -> torch.Tensor:

@@ -24,7 +24,8 @@ RESNET_LAYOUTS = {
     101: (Bottleneck, (3, 4, 23, 3)),
     152: (Bottleneck, (3, 8, 36, 3)),
 }
-RESNET_KEYS = ("DEPTH", "WIDTH_MULTIPLIER", "GROUPS", "WIDTH_PER_GROUP", "ZERO_INIT_RESIDUAL")
+RESNET_KEYS = ("DEPTH", "WIDTH_MULTIPLIER", "GROUPS", "WIDTH_PER_GROUP", "ZERO_INIT_RESIDUAL", "CONV_INIT")
+CONV_INITS = ("pytorch", "kaiming_fan_out")
 REGNET_CUSTOM_KEYS = ("depth", "w_0", "w_a", "w_m", "group_width", "bottleneck_multiplier", "se_ratio")
 
 
@@ -82,13 +83,20 @@ class ResNetTrunk(StagedTrunk):
     groups / width_per_group give ResNeXt: the inner width of a bottleneck is
     planes * width_per_group / 64 * groups, as in torchvision. With w = 1 the parameter names
     and shapes are exactly torchvision's resnet{depth} / resnext without `fc`.
+
+    conv_init: "pytorch" keeps each convolution's own initialisation (torch.nn.Conv2d: uniform within
+    +-1/sqrt(fan_in)), as VISSL's ResNeXt trunk does: it rebuilds the stem and the four stages after
+    torchvision's ResNet has initialised its own. "kaiming_fan_out": He normal with fan-out, as
+    torchvision's ResNet and the official SwAV code.
     """
 
     pooled_layer_name = "res5avg"
 
     def __init__(self, *, depth: int, width_multiplier: int, groups: int, width_per_group: int,
-                 zero_init_residual: bool):
+                 zero_init_residual: bool, conv_init: str):
         super().__init__()
+        if conv_init not in CONV_INITS:
+            raise ValueError(f"unknown MODEL.TRUNK.RESNETS.CONV_INIT {conv_init!r}; supported: {list(CONV_INITS)}")
         if depth not in RESNET_LAYOUTS:
             raise ValueError(f"unsupported ResNet DEPTH {depth}; supported: {sorted(RESNET_LAYOUTS)}")
         block, blocks_per_stage = RESNET_LAYOUTS[depth]
@@ -110,7 +118,7 @@ class ResNetTrunk(StagedTrunk):
             self.add_module(f"layer{index + 1}", stage)
             in_channels = stem_width * 2**index * block.expansion
         self.feature_dim = in_channels
-        _init_resnet(self, zero_init_residual=zero_init_residual)
+        _init_resnet(self, zero_init_residual=zero_init_residual, kaiming_convs=conv_init == "kaiming_fan_out")
 
     def stages(self):
         return [
@@ -139,11 +147,12 @@ def _resnet_stage(block, *, in_channels: int, planes: int, num_blocks: int, stri
     return nn.Sequential(*blocks)
 
 
-def _init_resnet(trunk: nn.Module, *, zero_init_residual: bool) -> None:
-    """He init of convolutions (fan-out), unit BN; optionally zero the last BN of each residual
-    branch so every block starts as the identity (Goyal et al. 2017, section 5.1)."""
+def _init_resnet(trunk: nn.Module, *, zero_init_residual: bool, kaiming_convs: bool) -> None:
+    """Unit BN; with kaiming_convs He init of the convolutions (fan-out), otherwise they keep their own;
+    optionally zero the last BN of each residual branch so every block starts as the identity
+    (Goyal et al. 2017, section 5.1)."""
     for module in trunk.modules():
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, nn.Conv2d) and kaiming_convs:
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
         elif isinstance(module, nn.BatchNorm2d):
             nn.init.ones_(module.weight)
@@ -188,7 +197,7 @@ class AlexNetTrunk(StagedTrunk):
         self.conv4 = _conv_bn_relu(384, 256, kernel_size=3, stride=1, padding=1, pool=False)
         self.conv5 = _conv_bn_relu(256, 256, kernel_size=3, stride=1, padding=1, pool=True)
         self.feature_dim = 256
-        _init_resnet(self, zero_init_residual=False)
+        _init_resnet(self, zero_init_residual=False, kaiming_convs=True)
 
     def stages(self):
         return [(name, (getattr(self, name),)) for name in ("conv1", "conv2", "conv3", "conv4", "conv5")]
@@ -209,7 +218,7 @@ def build_trunk(name: str, *, resnet: dict, regnet: dict, alexnet: dict | None =
 
     name: "resnet", "regnet" or "alexnet".
     resnet: MODEL.TRUNK.RESNETS, all of DEPTH (18/34/50/101/152), WIDTH_MULTIPLIER, GROUPS,
-        WIDTH_PER_GROUP, ZERO_INIT_RESIDUAL.
+        WIDTH_PER_GROUP, ZERO_INIT_RESIDUAL, CONV_INIT ("pytorch" or "kaiming_fan_out").
     regnet: MODEL.TRUNK.REGNET, either {"name": a torchvision regnet constructor such as
         "regnet_y_400mf"} or {depth, w_0, w_a, w_m, group_width, and optionally
         bottleneck_multiplier (1.0) and se_ratio (0.25: RegNetY; 0: RegNetX)}.
@@ -222,7 +231,7 @@ def build_trunk(name: str, *, resnet: dict, regnet: dict, alexnet: dict | None =
         _check_keys("MODEL.TRUNK.RESNETS", resnet, required=RESNET_KEYS, optional=())
         return ResNetTrunk(depth=resnet["DEPTH"], width_multiplier=resnet["WIDTH_MULTIPLIER"],
                            groups=resnet["GROUPS"], width_per_group=resnet["WIDTH_PER_GROUP"],
-                           zero_init_residual=resnet["ZERO_INIT_RESIDUAL"])
+                           zero_init_residual=resnet["ZERO_INIT_RESIDUAL"], conv_init=resnet["CONV_INIT"])
     if name == "regnet":
         return RegNetTrunk(_build_torchvision_regnet(regnet))
     if name == "alexnet":

@@ -155,6 +155,27 @@ def test_fill_memory_covers_the_dataset_and_restores_the_mode():
     assert (resumed.memory_index == -1).all()  # a resumed run keeps its checkpointed memory
 
 
+def test_fill_memory_runs_one_forward_per_crop():
+    """VISSL's deepclusterv2_loss.py init_memory: model(crop) for each crop of crops_for_mb, so BatchNorm
+    (training mode) normalises each crop over its own B rows, not over the M * B rows of all memory crops."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(5, 16), nn.BatchNorm1d(16), nn.Linear(16, D))
+    forward = model.forward
+    model.forward = lambda crops: forward(torch.cat(crops))
+    loader = FakeLoader(torch.randn(N, 5))
+    dc2 = make_dc2()
+    dc2.fill_memory(model=model, loader=loader)
+    joint_differs = False
+    with torch.no_grad():
+        for batch_number, batch in enumerate(loader):
+            slots = slice(batch_number * B, (batch_number + 1) * B)
+            for m in range(2):
+                torch.testing.assert_close(dc2.memory[m, slots], F.normalize(forward(batch.crops[m]), dim=1))
+            joint = F.normalize(forward(torch.cat(batch.crops[:2])), dim=1)[:B]
+            joint_differs |= not torch.allclose(joint, dc2.memory[0, slots], atol=1e-4)
+    assert joint_differs  # the test tells the two apart
+
+
 def test_from_config_sizes_the_memory_per_rank():
     params = {"temperature": 0.1, "num_clusters": [4], "kmeans_iters": 3, "DROP_LAST": True,
               "BATCHSIZE_PER_REPLICA": 999, "num_crops": 7, "num_train_samples": -1,

@@ -1,4 +1,6 @@
 """NPID and DeepClusterV2 on 2 gloo ranks: the 2-rank results equal one process on the global batch."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -65,10 +67,36 @@ def ranks():
     return run_ranks(on_each_rank, world_size=WORLD_SIZE)
 
 
+def vissl_start_bank_and_z():
+    """float64 reference of VISSL's nce_loss.py on 2 ranks: each rank draws uniform rows in [-stdv, stdv],
+    stdv = 1 / sqrt(D / 3), and L2-normalises them (init_memory, norm_init); sync_memory averages the
+    ranks' banks (all_reduce_mean) and does not normalise again; compute_partition_function sets
+    Z = N * mean(exp(<bank row, f> / T)) over the positive and negative columns of the global batch."""
+    stdv = 1.0 / math.sqrt(D / 3)
+    banks = []
+    for rank in range(WORLD_SIZE):
+        torch.manual_seed(100 + rank)
+        rows = torch.rand(N, D).double() * 2 * stdv - stdv
+        banks.append(rows / rows.norm(dim=1, keepdim=True))
+    bank = sum(banks) / WORLD_SIZE
+    data = global_data()
+    embedding = F.normalize(data["embedding"].double(), dim=1)
+    columns = torch.cat((data["indices"].unsqueeze(1), data["negatives"]), dim=1)  # (W * B, 1 + K)
+    scores = torch.einsum("bkd,bd->bk", bank[columns], embedding) / 0.1
+    return bank, N * torch.exp(scores).mean()
+
+
+def test_npid_start_bank_and_z_are_vissls(ranks):
+    bank, z = vissl_start_bank_and_z()
+    for rank in ranks:
+        torch.testing.assert_close(rank["start_bank"].double(), bank)
+        torch.testing.assert_close(rank["z"].double(), z)
+    assert (bank.norm(dim=1) < 1 - 1e-3).all()  # rows of the mean are shorter than 1: not re-normalised
+
+
 def test_npid_bank_starts_and_stays_equal_and_matches_one_process(ranks, monkeypatch):
     first, second = ranks
     assert torch.equal(first["start_bank"], second["start_bank"])
-    torch.testing.assert_close(first["start_bank"].norm(dim=1), torch.ones(N))
     assert torch.equal(first["bank"], second["bank"]) and torch.equal(first["z"], second["z"])
     data = global_data()
     single = make_npid()

@@ -1,17 +1,21 @@
 """Trunks: feature dims of every supported architecture, torchvision equivalence, stage features."""
+import math
+
 import pytest
 import torch
 import torchvision
+from torch import nn
 from torchvision.models.regnet import BlockParams, RegNet
 
+from fastssl.config import compose_config
 from fastssl.models.trunks import build_trunk, global_average_pool
 
 REGNET_Y_256GF = {"depth": 27, "w_0": 640, "w_a": 230.83, "w_m": 2.53, "group_width": 373}
 
 
-def resnet(depth, width_multiplier=1, groups=1, width_per_group=64, zero_init_residual=False):
+def resnet(depth, width_multiplier=1, groups=1, width_per_group=64, zero_init_residual=False, conv_init="pytorch"):
     return {"DEPTH": depth, "WIDTH_MULTIPLIER": width_multiplier, "GROUPS": groups,
-            "WIDTH_PER_GROUP": width_per_group, "ZERO_INIT_RESIDUAL": zero_init_residual}
+            "WIDTH_PER_GROUP": width_per_group, "ZERO_INIT_RESIDUAL": zero_init_residual, "CONV_INIT": conv_init}
 
 
 def trunk_on_meta(name, **params):
@@ -81,6 +85,34 @@ def test_zero_init_residual_zeroes_last_bn_of_each_block():
     plain = build_trunk("resnet", resnet=resnet(18, zero_init_residual=False), regnet={})
     assert all(block.bn2.weight.abs().sum() == 0 for stage in (zeroed.layer1, zeroed.layer4) for block in stage)
     assert plain.layer1[0].bn2.weight.abs().sum() > 0
+
+
+def test_default_conv_init_is_vissls_pytorch_default():
+    """VISSL's vissl/models/trunks/resnext.py builds torchvision's ResNet, then a new stem conv and new
+    stages (model._make_layer), which keep torch.nn.Conv2d's own init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+    std 1/sqrt(3 fan_in). fastssl's default (CONV_INIT pytorch) is that; kaiming_fan_out is selectable."""
+    assert compose_config([]).MODEL.TRUNK.RESNETS.CONV_INIT == "pytorch"
+    torch.manual_seed(0)
+    trunk = build_trunk("resnet", resnet=resnet(18), regnet={})
+    convs = [m for m in trunk.modules() if isinstance(m, nn.Conv2d)]
+    for conv in convs:
+        fan_in = conv.weight[0].numel()
+        assert conv.weight.abs().max() <= 1 / math.sqrt(fan_in)
+    for conv in [c for c in convs if c.weight.numel() >= 10**5]:
+        assert conv.weight.std().item() == pytest.approx(1 / math.sqrt(3 * conv.weight[0].numel()), rel=0.02)
+    kaiming = build_trunk("resnet", resnet=resnet(18, conv_init="kaiming_fan_out"), regnet={})
+    for conv in [c for c in kaiming.modules() if isinstance(c, nn.Conv2d) and c.weight.numel() >= 10**5]:
+        fan_out = conv.weight.shape[0] * conv.weight[0, 0].numel()
+        assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / fan_out), rel=0.02)
+    bns = [m for m in trunk.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(bool((bn.weight == 1).all() and (bn.bias == 0).all()) for bn in bns)
+    with pytest.raises(ValueError, match="CONV_INIT"):
+        build_trunk("resnet", resnet=resnet(18, conv_init="xavier"), regnet={})
+
+
+def test_demo_config_keeps_the_init_its_figures_were_measured_with():
+    cfg = compose_config(["config=pretrain/swav/swav_1node_cpu_resnet18"])
+    assert cfg.MODEL.TRUNK.RESNETS.CONV_INIT == "kaiming_fan_out"
 
 
 def test_resnet_parameter_errors():
