@@ -24,7 +24,7 @@ from loaders.recipe import MultiCropRecipe, recipe_from_transforms
 
 from . import dist, launch
 from .checkpoint import TrainingCheckpoint
-from .config import ConfigError
+from .config import ROOT_DEFAULTS, ConfigError
 from .engine import LoopSettings
 from .metrics import RunLogger
 from .methods import METHODS, Method, RunInfo
@@ -40,8 +40,9 @@ def notice(message: str) -> None:
 
 
 def config_from_checkpoint(saved: dict) -> DictConfig:
-    """A checkpoint's own config, as composed and validated when it was trained."""
-    return OmegaConf.create(saved["config"])
+    """A checkpoint's own config, as composed and validated when it was trained; keys added to fastssl
+    since then take their defaults (they do not change the architecture of a model already trained)."""
+    return OmegaConf.merge(OmegaConf.create(ROOT_DEFAULTS), OmegaConf.create(saved["config"]))
 
 
 # ---------------- machine and processes ----------------------------------------------------------

@@ -10,10 +10,8 @@ import torch
 from omegaconf import OmegaConf
 
 from fastssl.config import compose_config
-from fastssl.methods import RunInfo
-from fastssl.methods.swav import SwAV
 from fastssl.optim import precompute_schedule, scale_lr_schedule
-from fastssl.builder import derive
+from fastssl.builder import build_method, derive, resolve_head_params, run_info
 from fastssl.train import main
 
 IMAGENET = 1281167
@@ -187,8 +185,7 @@ def test_swav_queue_length_is_rounded_down_to_whole_global_batches():
     """vissl/utils/hydra_config.py infer_losses_config: queue_length -= queue_length % global batch, and
     local_queue_length = queue_length // world size (defaults.yaml says rounded down, as it is)."""
     cfg = compose_config(["config=pretrain/swav/swav_8node_resnet", "config.LOSS.swav_loss.queue.queue_length=3840"])
-    run = RunInfo(rank=0, world_size=8, batch_size_per_replica=64, global_batch_size=512, num_crops=8,
-                  num_train_samples=IMAGENET, iterations_per_epoch=2502, total_iterations=2502, output_dir="",
-                  device=torch.device("cpu"), head_params=OmegaConf.to_container(cfg.MODEL.HEAD.PARAMS))
-    swav = SwAV.from_config(OmegaConf.to_container(cfg.LOSS.swav_loss), run)
+    derived = derive(cfg, world_size=8, num_samples=IMAGENET, iterations_per_epoch=2502)
+    swav = build_method(cfg, run_info(cfg, derived, rank=0, device=torch.device("cpu"),
+                                      head_params=resolve_head_params(cfg)))
     assert swav.local_queue_length == 3584 // 8  # 3840 - 3840 % 512
