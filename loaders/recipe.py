@@ -106,7 +106,10 @@ TRANSFORM_KEYS: dict[str, dict[str, Key]] = {
         "size": Key(SIZE), "scale": Key(RANGE, (0.08, 1.0)), "ratio": Key(RANGE, (3.0 / 4.0, 4.0 / 3.0))},
     "ImgReplicatePil": {"num_times": Key(INTEGER, 2)},  # that many copies of the one crop (SimCLR, BYOL)
     "RandomHorizontalFlip": {"p": Key(PROBABILITY, 0.5)},
-    "ImgPilColorDistortion": {"strength": Key(NUMBER, 1.0)},  # ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) p 0.8, gray p 0.2
+    "ImgPilColorDistortion": {  # ColorJitter(b s, c s, sat s, h s) with p color_jitter_probability, then gray
+        "strength": Key(NUMBER, 1.0), "brightness": Key(NUMBER, 0.8), "contrast": Key(NUMBER, 0.8),
+        "saturation": Key(NUMBER, 0.8), "hue": Key(NUMBER, 0.2), "color_jitter_probability": Key(PROBABILITY, 0.8),
+        "grayscale_probability": Key(PROBABILITY, 0.2)},
     "ImgPilGaussianBlur": {
         "p": Key(PROBABILITIES, 0.5), "radius_min": Key(NUMBER, 0.1), "radius_max": Key(NUMBER, 2.0)},
     "ImgPilRandomSolarize": {"p": Key(PROBABILITIES, 0.66)},
@@ -281,9 +284,12 @@ def _resolve_photometric(name: str, keys: dict[str, Any]) -> dict[str, Any]:
     if name == "RandomHorizontalFlip":
         return {"flip_p": keys["p"]}
     if name == "ImgPilColorDistortion":
-        # VISSL's (SimCLR's) colour distortion of strength s.
+        # VISSL's (SimCLR's) colour distortion of strength s; each jitter key is scaled by s, as in VISSL's
+        # ImgPilColorDistortion (BYOL's recipe: s 0.5, saturation 0.4 -> jitter 0.4, 0.4, 0.2, 0.1).
         s = keys["strength"]
-        return {"jitter_p": 0.8, **_jitter_ranges(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), "gray_p": 0.2}
+        return {"jitter_p": keys["color_jitter_probability"],
+                **_jitter_ranges(keys["brightness"] * s, keys["contrast"] * s, keys["saturation"] * s, keys["hue"] * s),
+                "gray_p": keys["grayscale_probability"]}
     if name == "ImgPilGaussianBlur":
         return {"blur_p": keys["p"], "blur_sigma": _ordered(keys["radius_min"], keys["radius_max"], name)}
     if name == "ImgPilRandomSolarize":

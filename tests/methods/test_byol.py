@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from fastssl.builder import build_method, build_run_model, derive, resolve_head_params, run_info
@@ -15,6 +16,7 @@ from fastssl.models.model import SSLModel
 from fastssl.optim import LARS, build_optimizer
 from fastssl.train import main
 from loaders.batch import Batch
+from loaders.recipe import recipe_from_transforms
 from rank_harness import run_ranks
 
 B, D = 6, 8
@@ -194,3 +196,17 @@ def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path, monkeypatch):
             other = saved["two"][part][key]
             if value.is_floating_point():
                 assert (value - other).abs().max() <= 1e-4 * value.abs().max() + 1e-6, key
+
+
+def test_seed_recipe_resolves_to_the_papers_asymmetric_views():
+    """BYOL paper, table 6: jitter (0.4, 0.4, 0.2, 0.1) p 0.8, gray 0.2, blur 1.0 / 0.1, solarize 0.0 / 0.2."""
+    cfg = compose_config([f"config={SEED}"])
+    recipe = recipe_from_transforms(OmegaConf.to_container(cfg.DATA.TRAIN.TRANSFORMS))
+    first, second = recipe.augmentations
+    for view in (first, second):
+        assert view.brightness == pytest.approx((0.6, 1.4)) and view.contrast == pytest.approx((0.6, 1.4))
+        assert view.saturation == pytest.approx((0.8, 1.2)) and view.hue == pytest.approx((-0.1, 0.1))
+        assert (view.jitter_p, view.gray_p, view.flip_p) == pytest.approx((0.8, 0.2, 0.5))
+    assert (first.blur_p, second.blur_p) == pytest.approx((1.0, 0.1))
+    assert (first.solarize_p, second.solarize_p) == pytest.approx((0.0, 0.2))
+    assert recipe.crop_sizes == [224, 224] and recipe.mean == pytest.approx((0.485, 0.456, 0.406))
