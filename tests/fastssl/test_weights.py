@@ -1,4 +1,4 @@
-"""MODEL.WEIGHTS_INIT (fastssl/weights.py), on the CPU.
+"""MODEL.WEIGHTS_INIT (fastssl/weights.py) and fastssl-export (fastssl/export.py), on the CPU.
 
 Each file layout is built in memory from a model of this project or from torchvision (weights=None):
 a fastssl checkpoint, VISSL's nested classy_state_dict, a torchvision state dict, BYOL-PyTorch's
@@ -15,6 +15,7 @@ from torch import nn
 from fastssl.builder import build_run_model, resolve_head_params, weights_init_options
 from fastssl.checkpoint import rng_state, save_checkpoint
 from fastssl.config import compose_config
+from fastssl.export import main as export_main
 from fastssl.train import main as train_main
 from fastssl.weights import (change_prefixes, fastssl_name, load_initial_weights, read_weights_file, vissl_name)
 
@@ -254,6 +255,61 @@ def test_a_file_that_needs_more_than_tensors_is_refused_without_running_code(tmp
     (tmp_path / "notes.torch").write_text("not a checkpoint")
     assert one_line_error(lambda: read_weights_file(tmp_path / "notes.torch")).startswith("cannot read weights file")
     one_line_error(lambda: read_weights_file(tmp_path / "absent.torch"), FileNotFoundError)
+
+
+# ---------------- export --------------------------------------------------------------------------
+
+def eval_features(trunk, images):
+    with torch.no_grad():
+        return trunk.eval()(images)
+
+
+def test_export_round_trip_fastssl_torchvision_fastssl_gives_identical_features(tmp_path, capsys):
+    source = randomise_batchnorm_statistics(resnet(18, seed=1), seed=1)
+    save_fastssl_checkpoint(tmp_path / "run", source)
+    assert export_main([str(tmp_path / "run"), str(tmp_path / "resnet18.torch")]) == 0
+    assert "wrote 120 tensors in torchvision's layout" in capsys.readouterr().out
+    exported = torch.load(tmp_path / "resnet18.torch", weights_only=True)
+
+    reference = torchvision.models.resnet18(weights=None)
+    reference.fc = nn.Identity()
+    reference.load_state_dict(exported, strict=True)
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    expected = eval_features(source.trunk, images)
+    torch.testing.assert_close(eval_features(reference, images), expected)  # pooled by torchvision's avgpool
+
+    target = resnet(18, seed=2)
+    load_initial_weights(target, params_file=str(tmp_path / "resnet18.torch"),
+                         **{**DEFAULTS, "state_dict_key_name": "", "append_prefix": "trunk._feature_blocks."})
+    assert torch.equal(eval_features(target.trunk, images), expected)
+
+
+def test_a_resnet50_export_loads_strictly_into_torchvisions_resnet50_without_fc(tmp_path):
+    source = resnet(50, seed=1)
+    assert export_main([save_fastssl_checkpoint(tmp_path, source), str(tmp_path / "resnet50.torch")]) == 0
+    resnet50 = torchvision.models.resnet50(weights=None)
+    del resnet50.fc
+    resnet50.load_state_dict(torch.load(tmp_path / "resnet50.torch", weights_only=True), strict=True)
+    assert torch.equal(resnet50.layer4[2].conv3.weight, source.trunk.layer4[2].conv3.weight)
+
+
+def test_vissl_export_has_vissls_layout_and_loads_back(tmp_path, capsys):
+    source = randomise_batchnorm_statistics(resnet(18, seed=1, head_params=TWO_HEADS), seed=1)
+    path = save_fastssl_checkpoint(tmp_path, source)
+    assert export_main([path, str(tmp_path / "vissl.torch"), "--format", "vissl"]) == 0
+    written = torch.load(tmp_path / "vissl.torch", weights_only=True)
+    model = written["classy_state_dict"]["base_model"]["model"]
+    assert set(written) == {"classy_state_dict"} and set(model) == {"trunk", "heads"}
+    assert torch.equal(model["trunk"]["_feature_blocks.conv1.weight"], source.trunk.conv1.weight)
+    assert torch.equal(model["heads"]["1.prototypes1.weight"], source.heads[1].prototypes[1].weight)
+    assert torch.equal(model["heads"]["0.clf.1.running_mean"], source.heads[0][1].running_mean)
+    assert len(model["trunk"]) + len(model["heads"]) == len(source.state_dict())
+    target = resnet(18, seed=2, head_params=TWO_HEADS)
+    report = load_initial_weights(target, params_file=str(tmp_path / "vissl.torch"), **DEFAULTS)
+    assert_equal_to(target, source.state_dict())
+    assert report.missing == report.unexpected == []
+    assert export_main([str(tmp_path / "empty"), str(tmp_path / "x.torch")]) == 2
+    assert re.fullmatch(r"fastssl-export: error: weights file \S+ does not exist\n", capsys.readouterr().err)
 
 
 # ---------------- the run -------------------------------------------------------------------------
