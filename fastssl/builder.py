@@ -31,6 +31,7 @@ from .methods import METHODS, Method, RunInfo
 from .models import build_model, build_trunk, fit_head_to_trunk
 from .models.model import SSLModel
 from .optim import build_optimizer, precompute_schedule, scale_lr_schedule
+from .weights import load_initial_weights
 
 
 def notice(message: str) -> None:
@@ -353,11 +354,23 @@ class Run:
         return RunLogger(**self.logger_options, total_steps=self.derived.total_iterations, start_step=start_step)
 
 
+def weights_init_options(cfg: DictConfig) -> dict:
+    """MODEL.WEIGHTS_INIT as weights.load_initial_weights' keyword arguments. The weights initialise the
+    model as it is built; a resumed run then restores its own checkpoint over them."""
+    init = cfg.MODEL.WEIGHTS_INIT
+    return {"params_file": init.PARAMS_FILE, "state_dict_key_name": init.STATE_DICT_KEY_NAME,
+            "skip_layers": list(init.SKIP_LAYERS or []), "remove_prefix": init.REMOVE_PREFIX,
+            "append_prefix": init.APPEND_PREFIX}
+
+
 def build_model_for_rank(cfg: DictConfig, *, head_params: list, info: dist.DistInfo,
                          device: torch.device) -> SSLModel:
-    """The model with SyncBatchNorm over MODEL.SYNC_BN_CONFIG's groups where asked, then on the device (the
-    wrapping order of byol.txt point 6: SyncBN conversion, device, autocast (the loop's), DDP (build_run))."""
+    """The model, its initial weights (MODEL.WEIGHTS_INIT) loaded, with SyncBatchNorm over
+    MODEL.SYNC_BN_CONFIG's groups where asked, then on the device (the wrapping order of byol.txt
+    point 6: SyncBN conversion, device, autocast (the loop's), DDP (build_run))."""
     model = build_run_model(cfg, head_params=head_params)
+    if cfg.MODEL.WEIGHTS_INIT.PARAMS_FILE:
+        notice(load_initial_weights(model, **weights_init_options(cfg)).summary())
     sync_bn = cfg.MODEL.SYNC_BN_CONFIG
     if sync_bn.CONVERT_BN_TO_SYNC_BN and sync_bn.SYNC_BN_TYPE == "apex":
         notice("SYNC_BN_TYPE apex is mapped to torch.nn.SyncBatchNorm")

@@ -129,7 +129,7 @@ def train(*, model: nn.Module, trained_model: nn.Module, method: Method, optimiz
                 break
             step = state.step
             for group in optimizer.param_groups:
-                group["lr"] = settings.lr_schedule[step]
+                group["lr"] = float(settings.lr_schedule[step])  # a plain float in the checkpoint
 
             # ---------------- the method's step, backward, optimizer ---------------------------
             with autocast:
