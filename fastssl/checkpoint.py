@@ -12,11 +12,18 @@ import os
 import random
 import re
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .weights import NUMPY_GLOBALS_OF_FASTSSL_CHECKPOINTS
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written or read, or that does not fit the run (a one-line message)."""
+
 
 _NAME = re.compile(r"^checkpoint_step(\d+)\.torch$")
 
@@ -46,12 +53,24 @@ def set_rng_state(state: dict) -> None:
 
 
 def _write_atomically(state: dict, final: Path) -> None:
-    temporary = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    with open(temporary, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, final)
+    """torch.save to a fresh temporary file beside ``final`` (created exclusively, so a file or link planted
+    at its name is never followed), then rename. A failed write (a full disk) removes the temporary file
+    and is a one-line CheckpointError; ``final`` and every older checkpoint stay as they were."""
+    descriptor, temporary = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.tmp-")
+    try:
+        with os.fdopen(descriptor, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, final)
+    except (OSError, RuntimeError) as error:  # torch's zip writer reports a short write as a RuntimeError
+        Path(temporary).unlink(missing_ok=True)
+        detail = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+        raise CheckpointError(f"cannot write checkpoint {final} ({detail}; is the disk full?); the previous "
+                              "checkpoints are intact") from None
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def rank_state_path(directory: str | Path, *, step: int, rank: int) -> Path:
@@ -98,10 +117,14 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
 
 
 def load_checkpoint(path: str | Path, *, map_location="cpu") -> dict:
+    """A checkpoint read with ``weights_only=True`` (tensors, numbers, strings, plain containers and the
+    numpy RNG state), so that a file from anywhere cannot run code; a one-line CheckpointError otherwise."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        with torch.serialization.safe_globals(NUMPY_GLOBALS_OF_FASTSSL_CHECKPOINTS):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
-        raise RuntimeError(f"cannot read checkpoint {path}: {error}") from None
+        detail = str(error).split("WeightsUnpickler error:")[-1].strip().splitlines() or [type(error).__name__]
+        raise CheckpointError(f"cannot read checkpoint {path}: {detail[0]}") from None
 
 
 def _distributed() -> bool:
@@ -141,11 +164,45 @@ class TrainingCheckpoint:
         return path
 
     def restore_latest(self, *, map_location) -> tuple[TrainState, Path] | None:
-        """Load the latest checkpoint of the directory into the run's objects; None when there is none."""
-        path = latest_checkpoint(self.directory)
-        if path is None:
-            return None
-        saved = load_checkpoint(path, map_location=map_location)
+        """Load the newest usable checkpoint of the directory into the run's objects; None when there is none.
+
+        An unreadable checkpoint (truncated, empty, not a torch file) or one of another model is skipped with
+        a one-line warning naming it; if none is usable, a one-line CheckpointError says why.
+        """
+        found = list_checkpoints(self.directory)
+        problems = []
+        for path in reversed(found):
+            try:
+                saved = load_checkpoint(path, map_location=map_location)
+                self._check_fits(saved, path)
+            except CheckpointError as error:
+                problems.append(str(error))
+                print(f"fastssl: warning: {error}; trying an older checkpoint", file=sys.stderr)
+                continue
+            return self._load(saved, map_location=map_location), path
+        if problems:
+            raise CheckpointError(f"no usable checkpoint in {self.directory} (newest: {problems[0]})")
+        return None
+
+    def _check_fits(self, saved: dict, path: Path) -> None:
+        """A one-line CheckpointError when the checkpoint's tensors do not fit this model, naming the first
+        model setting that differs (or else the first tensor)."""
+        own, theirs = self.model.state_dict(), saved.get("model", {})
+        mismatch = next((name for name in sorted(set(own) | set(theirs))
+                         if name not in own or name not in theirs or own[name].shape != theirs[name].shape), None)
+        if mismatch is None:
+            return
+        ours_cfg, theirs_cfg = self.extra_state.get("config", {}), saved.get("config", {})
+        for key in ("TRUNK", "HEAD"):
+            difference = _first_difference(ours_cfg.get("MODEL", {}).get(key), theirs_cfg.get("MODEL", {}).get(key),
+                                           f"MODEL.{key}")
+            if difference:
+                raise CheckpointError(f"checkpoint {path} is of another model: {difference}")
+        shapes = [tuple(t[mismatch].shape) if mismatch in t else "absent" for t in (theirs, own)]
+        raise CheckpointError(f"checkpoint {path} is of another model: tensor {mismatch} is {shapes[0]} there, "
+                              f"{shapes[1]} here")
+
+    def _load(self, saved: dict, *, map_location) -> TrainState:
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         if self.scaler is not None and saved["scaler"] is not None:
@@ -161,4 +218,16 @@ class TrainingCheckpoint:
                       "state", file=sys.stderr)
         self.method.load_state_dict(method_state)
         set_rng_state(rng)
-        return TrainState(step=saved["step"], epoch=saved["epoch"], batch_in_epoch=saved["batch_in_epoch"]), path
+        return TrainState(step=saved["step"], epoch=saved["epoch"], batch_in_epoch=saved["batch_in_epoch"])
+
+
+def _first_difference(ours, theirs, path: str) -> str:
+    """'PATH: theirs -> ours' for the first differing leaf of two config trees ('' when equal)."""
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        for key in sorted(set(ours) | set(theirs)):
+            if key in ours and key in theirs:
+                found = _first_difference(ours[key], theirs[key], f"{path}.{key}")
+                if found:
+                    return found
+        return ""
+    return "" if ours == theirs else f"{path} is {theirs!r} there, {ours!r} here"

@@ -11,6 +11,7 @@ import datetime
 import inspect
 import os
 import signal
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -100,6 +101,11 @@ def sync_bn_rank_groups(*, world_size: int, local_world_size: int, group_size: i
     size = {-1: local_world_size, 0: world_size}.get(group_size, group_size)
     if size < 1:
         raise ValueError(f"MODEL.SYNC_BN_CONFIG.GROUP_SIZE must be -1, 0 or positive, got {group_size}")
+    if size > world_size:  # a seed recipe run on fewer GPUs than it was written for (VISSL's pages vary one key)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"fastssl: MODEL.SYNC_BN_CONFIG.GROUP_SIZE={group_size} is larger than the {world_size} processes "
+                  "of this run: batch statistics are shared by all of them", file=sys.stderr, flush=True)
+        size = world_size
     if world_size % size:
         raise ValueError(f"MODEL.SYNC_BN_CONFIG.GROUP_SIZE={group_size} means groups of {size} processes, "
                          f"which do not divide the world size {world_size}")
