@@ -147,13 +147,52 @@ def _set(config: dict, path: str, value) -> None:
             defaults = defaults[part]
 
 
-def _load_defaults() -> dict:
+def _load_defaults() -> tuple[dict, dict]:
     with open(CONFIG_DIR / "defaults.yaml") as f:
         text = f.read()
-    return OmegaConf.to_container(OmegaConf.create(text))["config"]
+    loaded = OmegaConf.to_container(OmegaConf.create(text))
+    return loaded["config"], loaded["ranges"]
 
 
-ROOT_DEFAULTS = _load_defaults()
+ROOT_DEFAULTS, RANGES = _load_defaults()
+_RANGE = re.compile(r"^\s*(?:(>=?)\s*(\S+)|([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])]))\s*$")
+
+
+def _in_range(value, rule: str) -> bool:
+    match = _RANGE.match(rule)
+    if match is None:
+        raise AssertionError(f"defaults.yaml ranges: cannot read {rule!r}")
+    if isinstance(value, (list, tuple)):
+        return all(_in_range(item, rule) for item in value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return True  # the type check has spoken already
+    if match.group(1):
+        bound = float(match.group(2))
+        return value > bound if match.group(1) == ">" else value >= bound
+    low, high = float(match.group(4)), float(match.group(5))
+    return ((value >= low) if match.group(3) == "[" else (value > low)) and (
+        (value <= high) if match.group(6) == "]" else (value < high))
+
+
+def _matching(config: dict, pattern: list[str], prefix: str = ""):
+    """(dotted path, value) of every key of ``config`` that the dotted ``pattern`` (with *) names."""
+    if not pattern:
+        yield prefix[:-1], config
+        return
+    if not isinstance(config, dict):
+        return
+    head, rest = pattern[0], pattern[1:]
+    for key in (config if head == "*" else [head]):
+        if key in config:
+            yield from _matching(config[key], rest, f"{prefix}{key}.")
+
+
+def check_ranges(config: dict) -> None:
+    """Raise ConfigError for the first value outside its range in defaults.yaml (``ranges``)."""
+    for pattern, rule in RANGES.items():
+        for path, value in _matching(config, pattern.split(".")):
+            if value is not None and not _in_range(value, rule):
+                raise ConfigError(f"config.{path}={value!r} is out of range: it must be {rule.strip()}")
 
 
 def compose_config(argv: list[str]) -> DictConfig:
@@ -171,6 +210,7 @@ def compose_config(argv: list[str]) -> DictConfig:
     finally:
         GlobalHydra.instance().clear()
     config = OmegaConf.to_container(composed, resolve=True)
+    config.pop("ranges", None)  # defaults.yaml's value ranges, not a config key
     unexpected = sorted(set(config) - {"config"})
     if unexpected:
         raise ConfigError(f"config files must put their keys under config:, found {unexpected[0]!r}")
@@ -179,6 +219,12 @@ def compose_config(argv: list[str]) -> DictConfig:
     for path, text in assignments:
         _set(config, path, parse_value(text))
     validate(config, ROOT_DEFAULTS)  # a mapping set whole from the command line is checked key by key
+    check_ranges(config)
+    losses = sorted(key for key in ROOT_DEFAULTS["LOSS"] if key != "name")
+    if config["LOSS"]["name"] not in losses:
+        hint = difflib.get_close_matches(config["LOSS"]["name"], losses, n=1)
+        raise ConfigError(f"config.LOSS.name {config['LOSS']['name']!r} is not a method: one of {', '.join(losses)}"
+                          + (f"; did you mean {hint[0]!r}?" if hint else ""))
     result = OmegaConf.create(config)
     OmegaConf.set_readonly(result, True)
     return result

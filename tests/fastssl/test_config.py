@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from fastssl.config import ConfigError, compose_config, split_arguments
@@ -59,3 +61,18 @@ def test_split_arguments_rewrites_groups():
                                            "config.SEED_VALUE=3"])
     assert groups == ["+config=pretrain/swav/swav_8node_resnet", "+config/pretrain/swav/transforms=multicrop_2x224"]
     assert assignments == [("SEED_VALUE", "3")]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("config.OPTIMIZER.num_epochs=0", "config.OPTIMIZER.num_epochs=0 is out of range: it must be > 0"),
+    ("config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=-4", "BATCHSIZE_PER_REPLICA=-4 is out of range"),
+    ("config.LOSS.swav_loss.epsilon=0", "config.LOSS.swav_loss.epsilon=0 is out of range"),
+    ("config.LOSS.nce_loss_with_memory.temperature=-0.1", "temperature=-0.1 is out of range"),
+    ("config.LOSS.deepclusterv2_loss.num_clusters=[10, 0]", "num_clusters=[10, 0] is out of range"),
+    ("config.OPTIMIZER.momentum=1.0", "it must be [0, 1)"),
+    ("config.LOSS.swav_loss.queue.queue_length=-512", "queue_length=-512 is out of range"),
+    ("config.LOSS.name=swav_los", "did you mean 'swav_loss'"),
+])
+def test_values_out_of_their_declared_range_are_refused_before_training(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        compose_config(["config=pretrain/swav/swav_1node_cpu_resnet18", override])
