@@ -3,13 +3,15 @@
     fastssl-bench loader [options]    loader backends against a per-crop PIL DataLoader baseline
     fastssl-bench kernels [options]   NPID step and k-means against straightforward baselines
     fastssl-bench comm [options]      bytes per collective and expected scaling efficiency (on paper)
+    fastssl-bench train [options]     the training step of a config, broken down, beside a bare loop
 """
 from __future__ import annotations
 
 import importlib
 import sys
 
-COMMANDS = {"loader": "benchmarks.loader", "kernels": "benchmarks.kernels", "comm": "benchmarks.comm_volume"}
+COMMANDS = {"loader": "benchmarks.loader", "kernels": "benchmarks.kernels", "comm": "benchmarks.comm_volume",
+            "train": "benchmarks.train_step"}
 
 
 def main(argv: list[str] | None = None) -> int:
