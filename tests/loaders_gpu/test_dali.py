@@ -105,7 +105,7 @@ def test_pipeline_ops_match_float64_references(tmp_path, tiny_recipe):
     assert np.abs(grey - luma[..., None]).max() <= 2
 
     # VISSL's ImgPilGaussianBlur is PIL's GaussianBlur: DALI runs PIL's own box passes.
-    for sigma in (0.3, 1.5, 2.0):
+    for sigma in (0.3, 1.0, 1.5, 2.0):  # measured: at most 1, and 2 at sigma 1 (exact ties, 0.13 on average)
         blurred = _single_crop_outputs(tmp_path, tiny_recipe, blur_p=1.0, blur_sigma=(sigma, sigma))
         reference = np.stack([np.asarray(Image.fromarray(image.astype(np.uint8)).filter(ImageFilter.GaussianBlur(sigma)))
                               for image in images]).astype(np.float64)
