@@ -350,3 +350,25 @@ def test_cpu_output_buffers_are_reused_only_once_released(small_recipe):
     third = multicrop(images, sizes, generator=_generator(1))
     assert {crop.untyped_storage().data_ptr() for crop in third} <= addresses  # released buffers reused
     assert all(torch.equal(a, b) for a, b in zip(third, kept))
+
+
+def test_colour_before_the_crop_pivots_at_the_whole_images_mean():
+    # ColorJitter listed before the crop (NPID): one draw per image, and contrast pivots at the
+    # mean grey of the whole image (its valid region, not the padding), as VISSL's jitter of the
+    # whole image does, even for a crop that sees only part of it.
+    images = torch.randint(0, 256, (3, 3, 20, 24), dtype=torch.uint8)
+    sizes = torch.tensor([[20, 24], [10, 7], [16, 24]])
+    expected = torch.stack([image[:, :h, :w].double().mean(dim=(1, 2)) for image, (h, w) in zip(images, sizes.tolist())])
+    torch.testing.assert_close(augment.image_means(images, sizes).double(), expected, atol=1e-4, rtol=0)
+    recipe = recipe_from_transforms([dict(name="ColorJitter", contrast=0.8), dict(
+        name="ImgPilToMultiCrop", num_crops=[2, 3], size_crops=[8, 4], crop_scales=[[0.2, 1.0], [0.05, 0.2]])])
+    multicrop = DeviceMultiCrop(recipe, dtype=torch.float32, device="cpu")
+    matrix, offset = multicrop._draw_image_colour(images, sizes, generator=_generator(1))
+    factor = matrix[:, 0, 0] * 255  # contrast only: f * rgb + (1 - f) * the image's mean grey
+    torch.testing.assert_close(matrix * 255, factor[:, None, None] * torch.eye(3).expand(3, 3, 3))
+    grey = expected.float() @ torch.tensor([0.299, 0.587, 0.114])
+    torch.testing.assert_close(offset * 255, ((1 - factor) * grey)[:, None].expand(3, 3), atol=1e-3, rtol=0)
+    draws = [multicrop._draw_group(sizes, group, image_colour=(matrix, offset), generator=_generator(2))
+             for group in range(2)]
+    for draw, count in zip(draws, (2, 3)):  # every crop of image i carries image i's draw
+        assert torch.equal(draw.color_offset, offset.repeat(count, 1)) and draw.color_pivot is None
