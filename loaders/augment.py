@@ -13,18 +13,24 @@ happens at crop resolution only, and the result is written straight into each gr
 output buffer (on the CPU, a recent batch's once nothing references it): normalised, in the
 training dtype, channels_last.
 
-Crop and resize (torchvision's RandomResizedCrop, antialiased bilinear):
+Crop and resize (torchvision's RandomResizedCrop, antialiased, the recipe's interpolation):
   CPU: one F.interpolate per crop on the uint8 image, with host-side boxes (no sync): torch's
-      uint8 resize kernel, so the crop equals TF.resized_crop(..., antialias=True), 20x faster
-      than roi_align's scalar CPU kernel.
+      uint8 resize kernel, so the crop equals TF.resized_crop(..., antialias=True), bilinear or
+      bicubic, 20x faster than roi_align's scalar CPU kernel.
   Accelerators: one roi_align per crop group (sampling_ratio=-1: ceil(box / output) bilinear
-      samples per output pixel, a box filter that antialiases down-scaled crops).
+      samples per output pixel, a box filter that antialiases down-scaled crops). roi_align is
+      bilinear only: a bicubic recipe (interpolation 3) resizes bilinearly there.
+  Resize + CenterCrop (evaluation's deterministic crop): the centre box of the original image
+      that the two cut out, rounded to whole pixels, resized once (within a pixel of
+      torchvision's resize-then-crop).
 
 Colour (torchvision's ColorJitter with the recipe's ranges, its ops in a random order per image,
 then RandomGrayscale; SimCLR's colour distortion is one setting of them): brightness, contrast,
 saturation and grayscale are affine maps of RGB, and the hue shift is approximated by a rotation
 about the grey axis, so the whole distortion of one image composes into one 3x3 matrix and
-offset, applied in one pass with one final clamp.
+offset, applied in one pass with one final clamp. Where the colour transforms precede the crop
+in the recipe (colour_per_image, NPID's ColorJitter), each image draws once and its crops share
+the draw, contrast pivoting at the whole image's mean grey, as VISSL's jitter of the whole image.
 Two documented differences from torchvision's per-op definitions, both tested:
   - hue: a rotation about the (1, 1, 1) axis, not HSV's hexcone; on photographs, for shifts up
     to 0.2 turn, the mean absolute difference is <= 0.04 and the 99th percentile <= 0.15 (of
@@ -33,7 +39,8 @@ Two documented differences from torchvision's per-op definitions, both tested:
     brightness 1.8, keep their excess until the final clamp).
 The single ops otherwise follow torchvision.transforms.functional (brightness, contrast and
 saturation blend with black, the mean grey level and the grey image; grey is ITU-R 601-2
-luma); blur and solarize are exact (reflect-padded separable Gaussian; invert >= 128/255).
+luma). Solarize is exact (invert >= 128/255); the blur is PIL's GaussianBlur (VISSL's
+ImgPilGaussianBlur) without its per-pass uint8 rounding, within 3/255 of PIL (loaders/blur.py).
 """
 from __future__ import annotations
 
@@ -48,8 +55,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from loaders.blur import blur_rows, gaussian_blur, blur_matrix  # noqa: F401 (re-exported)
-from loaders.recipe import MultiCropRecipe, blur_kernel_size
+from loaders.blur import blur_half_width, blur_rows
+from loaders.recipe import MultiCropRecipe
 
 # torchvision's RandomResizedCrop tries this many (scale, ratio) draws before its fallback.
 _CROP_ATTEMPTS = 10
@@ -80,13 +87,15 @@ class _GroupDraws:
     flip: torch.Tensor  # (n,) bool
     color_matrix: torch.Tensor | None  # (n, 3, 3) colour distortion of [0, 255] pixels ...
     color_pivot: torch.Tensor | None  # (n, 3, 3) ... plus this times the mean pixel (color_transform)
+    color_offset: torch.Tensor | None  # (n, 3) the offset itself, from the whole image (colour_per_image)
     blur: torch.Tensor | None  # (n,) bool
     sigma: torch.Tensor | None  # (n,) blur sigma
     solarize: torch.Tensor | None  # (n,) bool
 
     def rows(self, index: slice) -> _GroupDraws:
         return _GroupDraws(*(None if draw is None else draw[index] for draw in (
-            self.boxes, self.flip, self.color_matrix, self.color_pivot, self.blur, self.sigma, self.solarize)))
+            self.boxes, self.flip, self.color_matrix, self.color_pivot, self.color_offset, self.blur, self.sigma,
+            self.solarize)))
 
 
 class DeviceMultiCrop:
@@ -111,6 +120,9 @@ class DeviceMultiCrop:
         self.blur_p = on_device([a.blur_p for a in crops])  # (C,)
         self.blur_sigma = on_device([a.blur_sigma for a in crops])  # (C, 2)
         self.solarize_p = on_device([a.solarize_p for a in crops])  # (C,)
+        # One band width for every crop: the blur of the largest sigma reaches this far.
+        self.blur_half = blur_half_width(max(a.blur_sigma[1] for a in crops))
+        self.colour_per_image = recipe.colour_per_image and crops[0].distorts_colour
         self._pool: ThreadPoolExecutor | None = None  # the CPU path's threads, made on first use
         self._pool_threads = 0
         self._outputs: dict[int, list[tuple[torch.Tensor, int]]] = {}  # CPU: group -> [(buffer, idle use count)]
@@ -133,26 +145,46 @@ class DeviceMultiCrop:
             self._apply_on_threads(images, sizes, outputs, generator=generator)
         else:
             outputs = [torch.empty(shape, dtype=self.dtype, device=images.device) for shape in shapes]
+            image_colour = self._draw_image_colour(images, sizes, generator=generator)
             for group, out in enumerate(outputs):
-                self._apply(images, self._draw_group(sizes, group, generator=generator), first_row=0, out=out,
-                            scratch=partial(_new_buffer, device=images.device))
+                draw = self._draw_group(sizes, group, image_colour=image_colour, generator=generator)
+                self._apply(images, draw, first_row=0, out=out, scratch=partial(_new_buffer, device=images.device))
         crops: list[torch.Tensor] = []
         for out, count in zip(outputs, recipe.num_crops):
             crops.extend(out.permute(0, 3, 1, 2).chunk(count))  # channels_last views, no copy
         return crops
 
-    def _draw_group(self, sizes: torch.Tensor, group: int, *, generator: torch.Generator) -> _GroupDraws:
+    def _draw_image_colour(self, images: torch.Tensor, sizes: torch.Tensor, *, generator: torch.Generator
+                           ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The colour distortion of each whole image (B rows), when the recipe draws it per image:
+        (matrix (B, 3, 3) of [0, 255] pixels, offset (B, 3) in [0, 1]), else None."""
+        if not self.colour_per_image:
+            return None
+        batch = images.shape[0]
+        jitter = draw_color_jitter(self.jitter_ranges[:1].expand(batch, 4, 2), jitter_p=self.jitter_p[:1].expand(batch),
+                                   gray_p=self.gray_p[:1].expand(batch), generator=generator)
+        matrix, pivot = color_transform(jitter)
+        offset = torch.bmm(pivot, image_means(images, sizes)[:, :, None])[..., 0]  # (B, 3) in [0, 255]
+        return matrix / 255, offset / 255
+
+    def _draw_group(self, sizes: torch.Tensor, group: int, *, image_colour, generator: torch.Generator
+                    ) -> _GroupDraws:
         recipe = self.recipe
         count, batch = recipe.num_crops[group], sizes.shape[0]
         first_crop = sum(recipe.num_crops[:group])
         crop_slice = slice(first_crop, first_crop + count)
         rows = count * batch
-        boxes = sample_crop_boxes(sizes.repeat(count, 1), scale=recipe.crop_scales[group], ratio=recipe.crop_ratio,
-                                  generator=generator)
+        if recipe.center_crop:
+            boxes = center_crop_boxes(sizes, resize=recipe.resize, size=recipe.size_crops[0])
+        else:
+            boxes = sample_crop_boxes(sizes.repeat(count, 1), scale=recipe.crop_scales[group],
+                                      ratio=recipe.crop_ratio, generator=generator)
         augmentations = recipe.augmentations[crop_slice]  # Python values, for branching without a sync
         flip = _draw_per_crop(self.flip_p[crop_slice], batch, generator)
-        color_matrix = color_pivot = None
-        if any(augmentation.distorts_colour for augmentation in augmentations):
+        color_matrix = color_pivot = color_offset = None
+        if image_colour is not None:  # one draw per image, shared by its crops: row k*B + i is image i
+            color_matrix, color_offset = image_colour[0].repeat(count, 1, 1), image_colour[1].repeat(count, 1)
+        elif any(augmentation.distorts_colour for augmentation in augmentations):
             jitter = draw_color_jitter(_per_row(self.jitter_ranges[crop_slice], batch),
                                        jitter_p=_per_row(self.jitter_p[crop_slice], batch),
                                        gray_p=_per_row(self.gray_p[crop_slice], batch), generator=generator)
@@ -167,8 +199,8 @@ class DeviceMultiCrop:
             blur = _draw_per_crop(self.blur_p[crop_slice], batch, generator)
         if any(augmentation.solarize_p > 0 for augmentation in augmentations):
             solarize = _draw_per_crop(self.solarize_p[crop_slice], batch, generator)
-        return _GroupDraws(boxes=boxes, flip=flip, color_matrix=color_matrix, color_pivot=color_pivot, blur=blur,
-                           sigma=sigma, solarize=solarize)
+        return _GroupDraws(boxes=boxes, flip=flip, color_matrix=color_matrix, color_pivot=color_pivot,
+                           color_offset=color_offset, blur=blur, sigma=sigma, solarize=solarize)
 
     def _apply_on_threads(self, images: torch.Tensor, sizes: torch.Tensor, outputs: list[torch.Tensor], *,
                           generator: torch.Generator) -> None:
@@ -188,8 +220,9 @@ class DeviceMultiCrop:
         torch.set_num_threads(1)
         try:
             chunks = []
+            image_colour = self._draw_image_colour(images, sizes, generator=generator)
             for group, out in enumerate(outputs):
-                draw = self._draw_group(sizes, group, generator=generator)
+                draw = self._draw_group(sizes, group, image_colour=image_colour, generator=generator)
                 rows, size = out.shape[0], out.shape[1]
                 step = max(1, _CHUNK_PIXELS // (size * size))
                 chunks += [(draw, out, start, min(rows, start + step)) for start in range(0, rows, step)]
@@ -231,7 +264,8 @@ class DeviceMultiCrop:
         scratch(name, shape, dtype): a buffer for intermediate values."""
         rows, size = out.shape[0], out.shape[1]
         image_index = torch.arange(first_row, first_row + rows, device=images.device) % images.shape[0]
-        x = crop_resize(images, draw.boxes, image_index=image_index, flip=draw.flip, size=size)
+        x = crop_resize(images, draw.boxes, image_index=image_index, flip=draw.flip, size=size,
+                        interpolation=self.recipe.interpolation)
         pixels = x.permute(0, 2, 3, 1).reshape(rows, size * size, 3)  # (n, P, 3) in [0, 255]
         if pixels.dtype != torch.float32:  # the CPU's uint8 crops
             pixels = scratch("pixels", pixels.shape, torch.float32).copy_(pixels)
@@ -241,12 +275,13 @@ class DeviceMultiCrop:
         if draw.color_matrix is None:
             torch.div(pixels, 255, out=work)
         else:
-            offset = torch.bmm(draw.color_pivot, _mean_pixel(pixels)[:, :, None])[..., 0]  # (n, 3)
+            offset = draw.color_offset
+            if offset is None:  # contrast pivots at the crop's own mean grey
+                offset = torch.bmm(draw.color_pivot, _mean_pixel(pixels)[:, :, None])[..., 0]  # (n, 3)
             apply_color(pixels, draw.color_matrix, offset, out=work).clamp_(0, 1)
         hwc = work.view(rows, size, size, 3)
         if draw.blur is not None:
-            hwc = blur_rows(hwc, blur=draw.blur, sigma=draw.sigma, kernel_size=blur_kernel_size(size),
-                            scratch=scratch)
+            hwc = blur_rows(hwc, blur=draw.blur, sigma=draw.sigma, half=self.blur_half, scratch=scratch)
         if draw.solarize is not None:
             hwc = torch.where(draw.solarize.view(rows, 1, 1, 1), solarize(hwc), hwc)
         # With the channels repeated 16 times, the innermost dimension is 48 wide, not 3: the
@@ -257,24 +292,25 @@ class DeviceMultiCrop:
 
 
 def crop_resize(images: torch.Tensor, boxes: torch.Tensor, *, image_index: torch.Tensor, flip: torch.Tensor,
-                size: int) -> torch.Tensor:
+                size: int, interpolation: str) -> torch.Tensor:
     """Cut boxes (n, 4) (x0, y0, x1, y1, integer valued) of images (B, 3, H, W) uint8, box r from
     image image_index[r] (n,), resize each to size x size and mirror the rows where flip (n,) bool.
+    interpolation: 'bilinear' or 'bicubic' (the CPU's; accelerators resize bilinearly).
     Returns (n, 3, size, size) channels_last, values in [0, 255] (uint8 on the CPU, float else)."""
     if images.device.type == "cpu":
-        return _crop_resize_host(images, boxes, image_index=image_index, flip=flip, size=size)
+        return _crop_resize_host(images, boxes, image_index=image_index, flip=flip, size=size, mode=interpolation)
     return _crop_resize_batched(images, boxes, image_index=image_index, flip=flip, size=size)
 
 
 def _crop_resize_host(images: torch.Tensor, boxes: torch.Tensor, *, image_index: torch.Tensor, flip: torch.Tensor,
-                      size: int) -> torch.Tensor:
+                      size: int, mode: str) -> torch.Tensor:
     out = torch.empty(boxes.shape[0], size, size, 3, dtype=images.dtype).permute(0, 3, 1, 2)
     # sync: none, the tensors are host memory on the CPU.
     for row, ((x0, y0, x1, y1), image, mirrored) in enumerate(
         zip(boxes.int().tolist(), image_index.tolist(), flip.tolist())
     ):
         crop = images[image : image + 1, :, y0:y1, x0:x1]
-        crop = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+        crop = F.interpolate(crop, size=(size, size), mode=mode, antialias=True, align_corners=False)[0]
         out[row] = crop.flip(-1) if mirrored else crop
     return out
 
@@ -318,6 +354,36 @@ def sample_crop_boxes(
     top = torch.where(has_fit, top, torch.div(height - fallback_h, 2, rounding_mode="floor"))
     left = torch.where(has_fit, left, torch.div(width - fallback_w, 2, rounding_mode="floor"))
     return torch.cat([left, top, left + crop_w, top + crop_h], dim=1)
+
+
+def center_crop_boxes(sizes: torch.Tensor, *, resize: int | None, size: int) -> torch.Tensor:
+    """The boxes that torchvision's Resize(resize) (short side; None: no resize) then
+    CenterCrop(size) cut out of each image, in the original image's pixels, rounded.
+
+    sizes: (n, 2) int (height, width). Returns (n, 4) float32 boxes (x0, y0, x1, y1).
+    """
+    height, width = sizes[:, 0:1].double(), sizes[:, 1:2].double()  # (n, 1)
+    if resize is None:
+        resized_h, resized_w = height, width
+    else:  # torchvision: the short side to resize, the long one to int(resize * long / short)
+        short = torch.minimum(height, width)
+        resized_h = torch.where(height <= width, float(resize), torch.floor(resize * height / short))
+        resized_w = torch.where(width <= height, float(resize), torch.floor(resize * width / short))
+    top = torch.round((resized_h - size) / 2)  # torchvision's int(round((h - size) / 2))
+    left = torch.round((resized_w - size) / 2)
+    box = torch.cat([left, top, left + size, top + size], dim=1) * torch.cat(
+        [resized_w / width, resized_h / height] * 2, dim=1).reciprocal()
+    limits = torch.cat([width, height, width, height], dim=1)
+    return torch.round(box).clamp(min=0).minimum(limits).float()
+
+
+def image_means(images: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """(B, 3) mean pixel of each image's valid (height, width) = sizes (B, 2) region of images
+    (B, 3, H, W) uint8 (the rest is padding), in [0, 255]."""
+    rows = torch.arange(images.shape[2], device=images.device)[None, :] < sizes[:, 0:1]  # (B, H)
+    columns = torch.arange(images.shape[3], device=images.device)[None, :] < sizes[:, 1:2]  # (B, W)
+    mask = (rows[:, :, None] & columns[:, None, :]).to(torch.float32)  # (B, H, W)
+    return torch.einsum("bchw,bhw->bc", images.float(), mask) / (sizes[:, 0] * sizes[:, 1])[:, None]
 
 
 def draw_color_jitter(ranges: torch.Tensor, *, jitter_p: torch.Tensor, gray_p: torch.Tensor,

@@ -2,8 +2,11 @@
 
 Per sample, fn.readers.file reads the encoded bytes, fn.decoders.image decodes them ONCE
 (device='mixed': nvJPEG / the hardware JPEG decoder on a GPU; 'cpu': libjpeg-turbo), and
-every crop is cut from that one decoded image: fn.random_resized_crop, colour jitter and
-grayscale as one fn.color_twist, Gaussian blur as two fn.filter passes, solarize as arithmetic, then
+every crop is cut from that one decoded image: fn.random_resized_crop (bilinear or bicubic, the
+recipe's interpolation; fn.resize + fn.crop for Resize + CenterCrop), colour jitter and
+grayscale as one fn.color_twist, PIL's Gaussian blur (VISSL's ImgPilGaussianBlur) as PIL
+computes it, three extended-box fn.filter passes per axis with edge replication and uint8
+output each (loaders/blur.py), solarize as arithmetic, then
 fn.crop_mirror_normalize (flip + normalise + cast) writing HWC. A (B, H, W, 3) tensor viewed
 as (B, 3, H, W) is exactly channels_last, so the hand-over to torch costs nothing.
 
@@ -23,7 +26,9 @@ one reduced decode per image at build time.
 
 Differences from the torch augmentations (loaders.augment), documented rather than hidden:
 the four colour-jitter ops run in one fixed order (DALI's colour matrix) instead of a random
-one, and contrast pivots at mid-grey rather than the image's mean grey.
+one, and contrast pivots at mid-grey rather than the image's mean grey. Where the colour stage
+precedes the crop (recipe.colour_per_image), the crops of an image share its random draws, so
+each crop gets the image's jitter (mid-grey pivot, so the same as jittering the whole image).
 
 Tuning arguments of build_dali_loader (their defaults live in its signature):
   prefetch_queue_depth  batches the pipeline prepares ahead (DALI's prefetch_queue_depth).
@@ -40,7 +45,8 @@ import torch
 
 from loaders.batch import Batch
 from loaders.images import ImageList, check_images, list_samples
-from loaders.recipe import CropAugmentation, MultiCropRecipe, blur_kernel_size
+from loaders.blur import blur_half_width
+from loaders.recipe import CropAugmentation, MultiCropRecipe
 from loaders.sampler import EpochBatchSampler
 from loaders.sources import resolve_image_folder
 
@@ -84,14 +90,24 @@ def multicrop_pipeline(
         else:
             images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
         crops = []
+        interp_type = types.INTERP_CUBIC if recipe.interpolation == "bicubic" else types.INTERP_LINEAR
+        # Drawn once here, the colour draws are every crop's: one draw per image.
+        image_colour = _colour_draws(recipe.augmentations[0]) if recipe.colour_per_image else None
+        blur_half = blur_half_width(max(a.blur_sigma[1] for a in recipe.augmentations))
         for crop, (size, group) in enumerate(zip(recipe.crop_sizes, recipe.crop_groups)):
             # Every crop reads the one decoded image: decode once, crop many.
-            x = fn.random_resized_crop(
-                images, size=(size, size), random_area=list(recipe.crop_scales[group]),
-                random_aspect_ratio=list(recipe.crop_ratio), num_attempts=10, antialias=True,
-            )
+            if recipe.center_crop:
+                x = images if recipe.resize is None else fn.resize(
+                    images, resize_shorter=recipe.resize, interp_type=interp_type, antialias=True)
+                x = fn.crop(x, crop=(size, size))  # the centre by default
+            else:
+                x = fn.random_resized_crop(
+                    images, size=(size, size), random_area=list(recipe.crop_scales[group]),
+                    random_aspect_ratio=list(recipe.crop_ratio), num_attempts=10, antialias=True,
+                    interp_type=interp_type,
+                )
             augmentation = recipe.augmentations[crop]
-            x = _augment(x, augmentation=augmentation, size=size)
+            x = _augment(x, augmentation=augmentation, image_colour=image_colour, blur_half=blur_half)
             crops.append(
                 fn.crop_mirror_normalize(
                     x, mirror=fn.random.coin_flip(probability=augmentation.flip_p),
@@ -104,27 +120,35 @@ def multicrop_pipeline(
     return pipe
 
 
-def _augment(x, *, augmentation: CropAugmentation, size: int):
-    """Colour jitter, grayscale, blur and solarize of one crop (DALI graph nodes)."""
-    if augmentation.distorts_colour:
-        # Each factor is the identity unless the jitter is drawn (probability jitter_p).
-        jittered = fn.random.coin_flip(probability=augmentation.jitter_p)
-        kept_color = 1.0 - fn.random.coin_flip(probability=augmentation.gray_p)
+def _colour_draws(augmentation: CropAugmentation) -> dict | None:
+    """The colour stage's random draws (DALI graph nodes) as fn.color_twist's arguments, or
+    None when the crop's colour is untouched."""
+    if not augmentation.distorts_colour:
+        return None
+    # Each factor is the identity unless the jitter is drawn (probability jitter_p).
+    jittered = fn.random.coin_flip(probability=augmentation.jitter_p)
+    kept_color = 1.0 - fn.random.coin_flip(probability=augmentation.gray_p)
 
-        def factor(bounds: tuple[float, float], identity: float, *, scale: float = 1.0):
-            return identity + jittered * (_uniform(scale * bounds[0], scale * bounds[1]) - identity)
+    def factor(bounds: tuple[float, float], identity: float, *, scale: float = 1.0):
+        return identity + jittered * (_uniform(scale * bounds[0], scale * bounds[1]) - identity)
 
-        x = fn.color_twist(
-            x,
-            brightness=factor(augmentation.brightness, 1.0),
-            contrast=factor(augmentation.contrast, 1.0),
-            # Saturation 0 is the grey image: grayscale after the jitter, as in SimCLR.
-            saturation=factor(augmentation.saturation, 1.0) * kept_color,
-            hue=factor(augmentation.hue, 0.0, scale=360.0),  # DALI's hue is in degrees, the recipe's in turns
-        )
+    return dict(
+        brightness=factor(augmentation.brightness, 1.0),
+        contrast=factor(augmentation.contrast, 1.0),
+        # Saturation 0 is the grey image: grayscale after the jitter, as in SimCLR.
+        saturation=factor(augmentation.saturation, 1.0) * kept_color,
+        hue=factor(augmentation.hue, 0.0, scale=360.0),  # DALI's hue is in degrees, the recipe's in turns
+    )
+
+
+def _augment(x, *, augmentation: CropAugmentation, image_colour: dict | None, blur_half: int):
+    """Colour jitter, grayscale, blur and solarize of one crop (DALI graph nodes). image_colour:
+    the image's colour draws when they are shared by its crops, else None (the crop draws its own)."""
+    colour = image_colour if image_colour is not None else _colour_draws(augmentation)
+    if colour is not None:
+        x = fn.color_twist(x, **colour)
     if augmentation.blur_p > 0:
-        x = _random_gaussian_blur(x, p=augmentation.blur_p, sigma_range=augmentation.blur_sigma,
-                                  kernel_size=blur_kernel_size(size))
+        x = _random_pil_blur(x, p=augmentation.blur_p, sigma_range=augmentation.blur_sigma, half=blur_half)
     if augmentation.solarize_p > 0:
         solarized = fn.random.coin_flip(probability=augmentation.solarize_p)
         x = fn.cast(x, dtype=types.FLOAT)
@@ -138,22 +162,38 @@ def _uniform(low: float, high: float):
     return fn.random.uniform(range=[low, high]) if high > low else float(low)
 
 
-def _random_gaussian_blur(x, *, p: float, sigma_range: tuple[float, float], kernel_size: int):
-    """Separable Gaussian blur with a random sigma, applied with probability p, reflect padding.
+def _random_pil_blur(x, *, p: float, sigma_range: tuple[float, float], half: int):
+    """PIL's GaussianBlur (VISSL's ImgPilGaussianBlur) with a random sigma, applied with
+    probability p: three passes of PIL's extended box filter along each axis, edges replicated,
+    each pass rounded to uint8 as PIL's are, with PIL's fixed-point weights (loaders/blur.py gives
+    the box's radius). Measured within 2/255 of PIL (1/255 but at exact rounding ties).
 
-    Two fn.filter passes with a per-sample 1-D kernel: on the CPU, fn.gaussian_blur costs
-    ~25 ms per 224 px crop here, the two filters almost nothing. An unblurred sample gets the
-    identity kernel (a centred delta), so no per-sample branching is needed.
+    fn.filter passes with a per-sample 1-D kernel: on the CPU, fn.gaussian_blur costs ~25 ms
+    per 224 px crop here, the filters almost nothing. An unblurred sample gets the identity
+    kernel (a centred delta), so no per-sample branching is needed.
     """
-    offsets = types.Constant((np.arange(kernel_size) - kernel_size // 2).astype(np.float32))
-    sigma = _uniform(*sigma_range)
-    weights = dali_math.exp(-0.5 * (offsets / sigma) * (offsets / sigma))
-    weights = weights / fn.reductions.sum(weights)
-    delta = types.Constant((np.arange(kernel_size) == kernel_size // 2).astype(np.float32))
+    reach = half // 3  # one box's reach: floor(radius) + 1 of the largest sigma
+    distance = types.Constant(np.abs(np.arange(-reach, reach + 1)).astype(np.float32))
+    low, high = sigma_range
+    sigma = fn.random.uniform(range=[low, high]) if high > low else fn.random.uniform(values=[low])  # a graph node
+    variance = sigma * sigma / 3.0  # Gwosdek et al. 2011, eqs. 7, 11, 14, as Pillow's BoxBlur.c
+    whole = dali_math.floor((dali_math.sqrt(12.0 * variance + 1.0) - 1.0) / 2.0)
+    radius = whole + (2.0 * whole + 1.0) * (whole * (whole + 1.0) - 3.0 * variance) / (
+        6.0 * (variance - (whole + 1.0) * (whole + 1.0)))
+    # PIL's fixed-point weights (multiples of 2^-24, exact in float32): ww for the 2 floor(r) + 1
+    # inner taps, fw for the two far ones, summing to 1.
+    one = float(1 << 24)
+    inner = dali_math.floor(one / (2.0 * radius + 1.0))
+    far = dali_math.floor((one - (2.0 * whole + 1.0) * inner) / 2.0)
+    weights = (fn.cast(distance <= whole, dtype=types.FLOAT) * inner
+               + fn.cast(distance == whole + 1.0, dtype=types.FLOAT) * far) / one
+    delta = types.Constant((np.arange(-reach, reach + 1) == 0).astype(np.float32))
     blurred = fn.random.coin_flip(probability=p)
     weights = blurred * weights + (1 - blurred) * delta
-    x = fn.filter(x, fn.reshape(weights, shape=[1, kernel_size]), border="reflect_101")
-    return fn.filter(x, fn.reshape(weights, shape=[kernel_size, 1]), border="reflect_101")
+    for shape in ([1, 2 * reach + 1], [2 * reach + 1, 1]):
+        for _ in range(3):
+            x = fn.filter(x, fn.reshape(weights, shape=shape), border="clamp")
+    return x
 
 
 class DALITrainLoader:

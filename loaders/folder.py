@@ -6,6 +6,10 @@ runs torchvision's functional ops with parameters drawn from a random.Random see
 (seed, epoch, dataset index). So a sample's crops depend on nothing else (not the worker
 count, not the process state), and resuming a checkpoint mid-epoch replays exactly.
 
+The ops are VISSL's own where VISSL uses PIL: the blur is PIL's ImageFilter.GaussianBlur(radius=
+sigma) (ImgPilGaussianBlur), solarize PIL's threshold at 128. A colour stage listed before the
+crop (recipe.colour_per_image) jitters the whole image once, then the crops are cut from it.
+
 Bad files never stop training: a file that fails to decode is replaced by the next readable
 index, and the failed path travels back with the sample so the main process counts it and logs
 it once (worker processes cannot share a counter).
@@ -22,12 +26,12 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
-from PIL import Image
+from PIL import Image, ImageFilter
 from torchvision.transforms import InterpolationMode
 
 from loaders.batch import Batch
 from loaders.images import UnreadableImage, list_images, load_rgb
-from loaders.recipe import CropAugmentation, MultiCropRecipe, blur_kernel_size
+from loaders.recipe import CropAugmentation, MultiCropRecipe
 from loaders.sampler import EpochBatchSampler, shard_of
 from loaders.sources import resolve_image_folder
 
@@ -93,6 +97,8 @@ class MultiCropFolder(torch.utils.data.Dataset):
         index, epoch = key
         image, used, failed = self.files.load(index)
         rng = random.Random(sample_seed(self.seed, epoch, index))
+        if self.recipe.colour_per_image:  # listed before the crop: the whole image, one draw
+            image = distort_colour(image, augmentation=self.recipe.augmentations[0], rng=rng)
         crops = [augment_crop(image, crop=c, recipe=self.recipe, rng=rng) for c in range(self.recipe.total_num_crops)]
         return crops, used, self.files.labels[used], failed
 
@@ -142,37 +148,37 @@ def augment_crop(image: Image.Image, *, crop: int, recipe: MultiCropRecipe, rng:
     """Crop number `crop` of the recipe from a PIL RGB image -> (3, s, s) float32 normalised."""
     group = recipe.crop_groups[crop]
     size = recipe.size_crops[group]
-    top, left, h, w = sample_crop_params(
-        image.height, image.width, scale=recipe.crop_scales[group], ratio=recipe.crop_ratio, rng=rng
-    )
-    out = TF.resized_crop(image, top, left, h, w, [size, size], InterpolationMode.BILINEAR, antialias=True)
+    interpolation = InterpolationMode(recipe.interpolation)
+    if recipe.center_crop:
+        out = TF.resize(image, recipe.resize, interpolation, antialias=True) if recipe.resize else image
+        out = TF.center_crop(out, size)
+    else:
+        top, left, h, w = sample_crop_params(
+            image.height, image.width, scale=recipe.crop_scales[group], ratio=recipe.crop_ratio, rng=rng
+        )
+        out = TF.resized_crop(image, top, left, h, w, [size, size], interpolation, antialias=True)
     augmentation = recipe.augmentations[crop]
     if rng.random() < augmentation.flip_p:
         out = TF.hflip(out)
-    if augmentation.distorts_colour:
-        if rng.random() < augmentation.jitter_p:
-            out = _color_jitter(out, augmentation=augmentation, rng=rng)
-        if rng.random() < augmentation.gray_p:
-            out = TF.rgb_to_grayscale(out, num_output_channels=3)
+    if augmentation.distorts_colour and not recipe.colour_per_image:
+        out = distort_colour(out, augmentation=augmentation, rng=rng)
+    if rng.random() < augmentation.blur_p:
+        out = out.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*augmentation.blur_sigma)))  # VISSL's op
     # From here on numpy, not torch: torch's intra-op threads cost far more than they save on
     # one small crop, and in the main process (num_workers=0) they fight the training step.
     pixels = np.asarray(out, dtype=np.float32) / 255  # (s, s, 3)
-    if rng.random() < augmentation.blur_p:
-        pixels = gaussian_blur(pixels, sigma=rng.uniform(*augmentation.blur_sigma), kernel_size=blur_kernel_size(size))
     if rng.random() < augmentation.solarize_p:
         pixels = np.where(pixels >= 128 / 255, 1 - pixels, pixels)  # PIL's solarize at 128
     return to_normalized_tensor(pixels, mean=recipe.mean, std=recipe.std)
 
 
-def gaussian_blur(pixels: np.ndarray, *, sigma: float, kernel_size: int) -> np.ndarray:
-    """Separable Gaussian blur of an (H, W, C) float32 image, reflect padding (torchvision's kernel)."""
-    half = kernel_size // 2
-    weights = np.exp(-0.5 * ((np.arange(kernel_size) - half) / sigma) ** 2)
-    weights = (weights / weights.sum()).astype(np.float32)
-    height, width = pixels.shape[:2]
-    padded = np.pad(pixels, ((half, half), (half, half), (0, 0)), mode="reflect")
-    columns = sum(w * padded[i : i + height] for i, w in enumerate(weights))
-    return sum(w * columns[:, i : i + width] for i, w in enumerate(weights))
+def distort_colour(image: Image.Image, *, augmentation: CropAugmentation, rng: random.Random) -> Image.Image:
+    """The colour stage: the jitter with probability jitter_p, then grayscale with gray_p."""
+    if rng.random() < augmentation.jitter_p:
+        image = _color_jitter(image, augmentation=augmentation, rng=rng)
+    if rng.random() < augmentation.gray_p:
+        image = TF.rgb_to_grayscale(image, num_output_channels=3)
+    return image
 
 
 def to_normalized_tensor(pixels: np.ndarray, *, mean, std) -> torch.Tensor:

@@ -9,6 +9,13 @@ asymmetric views (BYOL's blur and solarize per view) and a new transform need no
 Adding a transform takes an entry in TRANSFORM_KEYS and the values it resolves to in
 `_resolve_photometric`.
 
+Order follows VISSL's list where it changes the result: a colour transform (ColorJitter,
+RandomGrayscale, ImgPilColorDistortion) listed before the crop applies to the whole image, so
+all the crops of an image share one colour draw (`colour_per_image`), and contrast pivots at the
+whole image's mean grey; listed after the crop, each crop draws its own. A flip commutes with
+the crop in distribution, so its place does not matter; blur and solarize must follow the crop.
+Resize then CenterCrop is the deterministic single crop of evaluation (`center_crop`).
+
 Every entry is checked against TRANSFORM_KEYS, the one table of the accepted transforms, their
 keys, the type of each and its default (VISSL's defaults; REQUIRED: no default): an unknown
 transform, an unknown key, a missing required key or a value of the wrong type is a one-line
@@ -74,6 +81,17 @@ def _size(value: Any) -> int:
     return _list_of(_integer, length=1)(value)[0] if isinstance(value, (list, tuple)) else _integer(value)
 
 
+def _interpolation(value: Any) -> str:
+    """PIL's resampling code, as torchvision's transforms take it: 2 bilinear, 3 bicubic."""
+    code = _integer(value)
+    if code not in _INTERPOLATIONS:
+        raise ValueError
+    return _INTERPOLATIONS[code]
+
+
+_INTERPOLATIONS = {2: "bilinear", 3: "bicubic"}
+
+
 def _transform_list(value: Any) -> tuple[dict, ...]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(item, dict) for item in value):
         raise TypeError
@@ -88,6 +106,7 @@ PROBABILITIES = Kind("a probability in [0, 1], or a list of them (one per crop o
 RANGE = Kind("a [min, max] pair of numbers", _range)
 RANGES = Kind("a list of [min, max] pairs of numbers", _list_of(_range))
 SIZE = Kind("an integer or [integer]", _size)
+INTERPOLATION = Kind("PIL's resampling code 2 (bilinear) or 3 (bicubic)", _interpolation)
 RGB = Kind("a list of 3 numbers (R, G, B)", _list_of(_number, length=3))
 TRANSFORMS = Kind("a list of transforms", _transform_list)
 
@@ -103,9 +122,16 @@ TRANSFORM_KEYS: dict[str, dict[str, Key]] = {
         "total_num_crops": Key(INTEGER, None), "num_crops": Key(INTEGERS), "size_crops": Key(INTEGERS),
         "crop_scales": Key(RANGES)},
     "RandomResizedCrop": {  # one crop: a single-crop recipe
-        "size": Key(SIZE), "scale": Key(RANGE, (0.08, 1.0)), "ratio": Key(RANGE, (3.0 / 4.0, 4.0 / 3.0))},
+        "size": Key(SIZE), "scale": Key(RANGE, (0.08, 1.0)), "ratio": Key(RANGE, (3.0 / 4.0, 4.0 / 3.0)),
+        "interpolation": Key(INTERPOLATION, "bilinear")},
+    "CenterCrop": {"size": Key(SIZE)},  # with an optional Resize before it: the deterministic single crop
+    "Resize": {"size": Key(SIZE), "interpolation": Key(INTERPOLATION, "bilinear")},  # the short side to size
     "ImgReplicatePil": {"num_times": Key(INTEGER, 2)},  # that many copies of the one crop (SimCLR, BYOL)
     "RandomHorizontalFlip": {"p": Key(PROBABILITY, 0.5)},
+    # torchvision's ColorJitter: always applied, factors in [max(0, 1 - x), 1 + x], hue in [-hue, hue].
+    "ColorJitter": {"brightness": Key(NUMBER, 0.0), "contrast": Key(NUMBER, 0.0), "saturation": Key(NUMBER, 0.0),
+                    "hue": Key(NUMBER, 0.0)},
+    "RandomGrayscale": {"p": Key(PROBABILITY, 0.1)},
     "ImgPilColorDistortion": {  # ColorJitter(b s, c s, sat s, h s) with p color_jitter_probability, then gray
         "strength": Key(NUMBER, 1.0), "brightness": Key(NUMBER, 0.8), "contrast": Key(NUMBER, 0.8),
         "saturation": Key(NUMBER, 0.8), "hue": Key(NUMBER, 0.2), "color_jitter_probability": Key(PROBABILITY, 0.8),
@@ -118,7 +144,8 @@ TRANSFORM_KEYS: dict[str, dict[str, Key]] = {
     "ToTensor": {},
     "Normalize": {"mean": Key(RGB), "std": Key(RGB)},
 }
-_CROP_TRANSFORMS = ("ImgPilToMultiCrop", "RandomResizedCrop")
+_CROP_TRANSFORMS = ("ImgPilToMultiCrop", "RandomResizedCrop", "CenterCrop")
+_COLOUR_TRANSFORMS = ("ColorJitter", "RandomGrayscale", "ImgPilColorDistortion")
 _WRAPPABLE = ("ImgPilGaussianBlur", "ImgPilRandomSolarize")
 
 
@@ -172,6 +199,12 @@ class MultiCropRecipe:
     crop_ratio: (min, max) aspect ratio (w / h) of every crop.
     augmentations: what happens to each crop after the crop, in crop order (len total_num_crops).
     mean, std: per-channel normalisation of [0, 1] images.
+    interpolation: the resize of a crop, 'bilinear' or 'bicubic' (torchvision's, antialiased).
+    colour_per_image: the colour stage (jitter, grayscale) was listed before the crop: it applies
+        to the whole image, one draw per image shared by all its crops (every crop's colour values
+        are then the same).
+    center_crop: the deterministic single crop of evaluation: the short side resized to `resize`
+        (None: not resized), then the centre size_crops[0] square; crop_scales is then unused.
     """
 
     size_crops: tuple[int, ...]
@@ -181,6 +214,10 @@ class MultiCropRecipe:
     augmentations: tuple[CropAugmentation, ...]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+    colour_per_image: bool = False
+    center_crop: bool = False
+    resize: int | None = None
 
     @property
     def total_num_crops(self) -> int:
@@ -197,12 +234,6 @@ class MultiCropRecipe:
         return [group for group, count in enumerate(self.num_crops) for _ in range(count)]
 
 
-def blur_kernel_size(crop_size: int) -> int:
-    """Side of the Gaussian blur kernel for a crop: about 10% of the crop, odd, at least 3
-    (SimCLR's choice, which BYOL and SwAV inherit)."""
-    return max(3, int(0.1 * crop_size) | 1)
-
-
 def recipe_from_transforms(transforms: Sequence[dict[str, Any]]) -> MultiCropRecipe:
     """Check and parse a VISSL transform list (plain dicts, e.g. DATA.TRAIN.TRANSFORMS) into a recipe.
 
@@ -210,29 +241,47 @@ def recipe_from_transforms(transforms: Sequence[dict[str, Any]]) -> MultiCropRec
     crop transform, inconsistent crop counts, or two transforms setting the same value.
     """
     crop: dict[str, Any] | None = None
+    resize: dict[str, Any] | None = None
     replicate = 1
     resolved: dict[str, Any] = {}  # CropAugmentation field -> a value for every crop, or a list per crop/group
     set_by: dict[str, str] = {}
+    colour_before_crop: dict[str, bool] = {}  # colour transform -> listed before the crop
     mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     for transform in transforms:
         name, keys = checked_keys(transform)
         if name in _CROP_TRANSFORMS:
             if crop is not None:
                 raise ValueError(f"transforms: a second crop transform {name!r}; give exactly one")
-            crop = _parse_crop(name, keys)
+            crop = _parse_crop(name, keys, resize)
+        elif name == "Resize":
+            if crop is not None or resize is not None:
+                raise ValueError("transforms: Resize is supported once, before CenterCrop")
+            resize = keys
         elif name == "ImgReplicatePil":
             replicate = keys["num_times"]
         elif name == "Normalize":
             mean, std = keys["mean"], keys["std"]
         elif name != "ToTensor":
+            if crop is None and name not in (*_COLOUR_TRANSFORMS, "RandomHorizontalFlip"):
+                raise ValueError(f"transforms: {name} before the crop is not supported; list it after the crop")
+            if name in _COLOUR_TRANSFORMS:
+                if "RandomGrayscale" in set_by.values() and name != "RandomGrayscale":
+                    raise ValueError(f"transforms: {name} after RandomGrayscale is not supported; "
+                                     "the colour jitter comes first")
+                colour_before_crop[name] = crop is None
             for field, value in _resolve_photometric(name, keys).items():
                 if field in set_by:
                     raise ValueError(f"transforms: {name} and {set_by[field]} both set {field}; give one")
                 resolved[field], set_by[field] = value, name
+    if resize is not None and (crop is None or not crop.get("center_crop")):
+        raise ValueError("transforms: Resize needs a CenterCrop after it")
+    if len(set(colour_before_crop.values())) > 1:
+        raise ValueError(f"transforms: {' and '.join(colour_before_crop)} on both sides of the crop; "
+                         "list them together, before or after it")
     if crop is None:
         raise ValueError("transforms: no crop transform; add ImgPilToMultiCrop or RandomResizedCrop")
     if replicate != 1:
-        if crop["num_crops"] != (1,):
+        if crop["num_crops"] != (1,) or crop.get("center_crop"):
             raise ValueError("transforms: ImgReplicatePil needs a single RandomResizedCrop")
         crop["num_crops"] = (replicate,)
     if sum(crop["num_crops"]) < 1:
@@ -242,7 +291,8 @@ def recipe_from_transforms(transforms: Sequence[dict[str, Any]]) -> MultiCropRec
     augmentations = tuple(
         replace(IDENTITY, **resolved, **{field: values[crop_index] for field, values in per_crop.items()})
         for crop_index in range(sum(crop["num_crops"])))
-    return MultiCropRecipe(augmentations=augmentations, mean=mean, std=std, **crop)
+    return MultiCropRecipe(augmentations=augmentations, mean=mean, std=std,
+                           colour_per_image=any(colour_before_crop.values()), **crop)
 
 
 def checked_keys(transform: Any) -> tuple[str, dict[str, Any]]:
@@ -283,6 +333,12 @@ def _resolve_photometric(name: str, keys: dict[str, Any]) -> dict[str, Any]:
     value for every crop or a list per crop or crop group (expanded later)."""
     if name == "RandomHorizontalFlip":
         return {"flip_p": keys["p"]}
+    if name == "ColorJitter":
+        if min(keys.values()) < 0 or keys["hue"] > 0.5:
+            raise ValueError(f"transforms: ColorJitter needs values >= 0 and hue <= 0.5, got {keys}")
+        return {"jitter_p": 1.0, **_jitter_ranges(keys["brightness"], keys["contrast"], keys["saturation"], keys["hue"])}
+    if name == "RandomGrayscale":
+        return {"gray_p": keys["p"]}
     if name == "ImgPilColorDistortion":
         # VISSL's (SimCLR's) colour distortion of strength s; each jitter key is scaled by s, as in VISSL's
         # ImgPilColorDistortion (BYOL's recipe: s 0.5, saturation 0.4 -> jitter 0.4, 0.4, 0.2, 0.1).
@@ -342,9 +398,15 @@ def _per_crop(p: float | tuple[float, ...], num_crops: tuple[int, ...], *, name:
     raise ValueError(f"transforms: {name}: {len(p)} values for {total} crops in {len(num_crops)} groups")
 
 
-def _parse_crop(name: str, keys: dict[str, Any]) -> dict[str, Any]:
+def _parse_crop(name: str, keys: dict[str, Any], resize: dict[str, Any] | None) -> dict[str, Any]:
+    if name == "CenterCrop":
+        # Resize's interpolation is the resize of the centre crop; crop_scales is unused.
+        return dict(size_crops=(keys["size"],), num_crops=(1,), crop_scales=((1.0, 1.0),), crop_ratio=(1.0, 1.0),
+                    center_crop=True, resize=None if resize is None else resize["size"],
+                    interpolation="bilinear" if resize is None else resize["interpolation"])
     if name == "RandomResizedCrop":
-        return dict(size_crops=(keys["size"],), num_crops=(1,), crop_scales=(keys["scale"],), crop_ratio=keys["ratio"])
+        return dict(size_crops=(keys["size"],), num_crops=(1,), crop_scales=(keys["scale"],), crop_ratio=keys["ratio"],
+                    interpolation=keys["interpolation"])
     size_crops, num_crops, crop_scales = keys["size_crops"], keys["num_crops"], keys["crop_scales"]
     if not (len(size_crops) == len(num_crops) == len(crop_scales)):
         raise ValueError(

@@ -189,3 +189,26 @@ def test_swav_queue_length_is_rounded_down_to_whole_global_batches():
     swav = build_method(cfg, run_info(cfg, derived, rank=0, device=torch.device("cpu"),
                                       head_params=resolve_head_params(cfg)))
     assert swav.local_queue_length == 3584 // 8  # 3840 - 3840 % 512
+
+
+# ---- NPID's transforms (issue 10, item 1) ----------------------------------------------------------
+
+@pytest.mark.parametrize("config", ["pretrain/npid/npid_8gpu_resnet", "pretrain/npid/npid++_4nodes_resnet"])
+def test_npid_transforms_are_vissls(config):
+    """VISSL's npid_8gpu_resnet.yaml and npid++_4nodes_resnet.yaml: ColorJitter(brightness 0.4, contrast
+    0.4, saturation 0.4, hue 0.4) first, on the whole image, then RandomResizedCrop 224,
+    RandomHorizontalFlip (p 0.5), ToTensor, Normalize (ImageNet's): the jitter always applies, no
+    grayscale, one jitter draw per image."""
+    from loaders.recipe import recipe_from_transforms
+
+    transforms = OmegaConf.to_container(compose_config([f"config={config}"]).DATA.TRAIN.TRANSFORMS)
+    assert [t["name"] for t in transforms] == ["ColorJitter", "RandomResizedCrop", "RandomHorizontalFlip",
+                                               "ToTensor", "Normalize"]
+    recipe = recipe_from_transforms(transforms)
+    assert recipe.colour_per_image and recipe.crop_sizes == [224] and recipe.crop_scales == ((0.08, 1.0),)
+    (crop,) = recipe.augmentations
+    assert crop.jitter_p == 1.0 and crop.gray_p == 0.0 and crop.flip_p == 0.5
+    assert crop.brightness == crop.contrast == crop.saturation == pytest.approx((0.6, 1.4))
+    assert crop.hue == pytest.approx((-0.4, 0.4))
+    assert crop.blur_p == 0.0 and crop.solarize_p == 0.0
+    assert recipe.mean == (0.485, 0.456, 0.406) and recipe.std == (0.229, 0.224, 0.225)

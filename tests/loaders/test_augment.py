@@ -11,6 +11,7 @@ import torchvision.transforms.functional as TF
 
 from loaders import augment
 from loaders.augment import DeviceMultiCrop, sample_crop_boxes
+from loaders.blur import gaussian_blur
 from loaders.recipe import recipe_from_transforms
 
 
@@ -234,28 +235,22 @@ def test_hue_matrix_exact_cases():
     torch.testing.assert_close(matrices[2] @ matrices[2].T, torch.eye(3), atol=1e-6, rtol=0)  # a rotation
 
 
-def test_grey_solarize_and_blur_match_references(colour_batch):
+def test_grey_and_solarize_match_references(colour_batch):
     r, g, b = colour_batch.double().unbind(dim=1)
     luma = 0.299 * r + 0.587 * g + 0.114 * b  # ITU-R 601-2, float64
     grey = torch.einsum("ij,njhw->nihw", augment.grey_matrix("cpu"), colour_batch)
     torch.testing.assert_close(grey.double(), luma[:, None].expand_as(grey), atol=1e-6, rtol=0)
     expected_solarized = torch.stack([TF.solarize(image, 128 / 255) for image in colour_batch])
     assert torch.equal(augment.solarize(colour_batch), expected_solarized)
-    sigmas = [0.1, 0.5, 1.0, 1.5, 2.0, 3.0]
-    expected_blur = torch.stack([TF.gaussian_blur(image, [5, 5], [s, s]) for image, s in zip(colour_batch, sigmas)])
-    result = augment.gaussian_blur(colour_batch, sigma=torch.tensor(sigmas), kernel_size=5)
-    torch.testing.assert_close(result, expected_blur, atol=1e-5, rtol=0)
-    matrix = augment.blur_matrix(torch.tensor(sigmas), size=9, kernel_size=5)
-    torch.testing.assert_close(matrix.sum(dim=2), torch.ones(6, 9))  # weights sum to 1 on every row
 
 
 def test_blur_rows_only_touches_the_drawn_rows(colour_batch):
     blur = torch.tensor([True, False, True, False, False, True])
     sigma = torch.linspace(0.5, 2.0, 6)
     hwc = colour_batch.permute(0, 2, 3, 1).contiguous()
-    result = augment.blur_rows(hwc.clone(), blur=blur, sigma=sigma, kernel_size=5,
+    result = augment.blur_rows(hwc.clone(), blur=blur, sigma=sigma, half=6,
                                 scratch=partial(augment._new_buffer, device="cpu")).permute(0, 3, 1, 2)
-    everywhere = augment.gaussian_blur(colour_batch, sigma=sigma, kernel_size=5)
+    everywhere = gaussian_blur(colour_batch, sigma=sigma, half=6)
     torch.testing.assert_close(result, torch.where(blur.view(-1, 1, 1, 1), everywhere, colour_batch))
 
 
@@ -264,14 +259,16 @@ def test_host_crop_is_torchvision_resized_crop_and_batched_crop_is_close(photo):
     boxes = torch.tensor([[10.0, 20.0, 110.0, 90.0], [0.0, 0.0, 128.0, 128.0], [50.0, 60.0, 70.0, 75.0]])
     flip = torch.tensor([False, True, False])
     image_index = torch.tensor([0, 2, 1])
-    host = augment.crop_resize(images, boxes, image_index=image_index, flip=flip, size=32)
-    assert host.dtype == torch.uint8 and host.is_contiguous(memory_format=torch.channels_last)
-    expected = torch.stack([TF.resized_crop(images[0], int(y0), int(x0), int(y1 - y0), int(x1 - x0), [32, 32],
-                                            antialias=True) for x0, y0, x1, y1 in boxes.tolist()])
-    expected[1] = expected[1].flip(-1)
-    # torch's uint8 resize kernel rounds its channels_last and planar code paths differently by
-    # up to one level; the slices of a channels_last batch take the former.
-    assert (host.int() - expected.int()).abs().max() <= 1
+    for mode in ("bicubic", "bilinear"):  # RandomResizedCrop's interpolation 3 and 2
+        host = augment.crop_resize(images, boxes, image_index=image_index, flip=flip, size=32, interpolation=mode)
+        assert host.dtype == torch.uint8 and host.is_contiguous(memory_format=torch.channels_last)
+        # The reference backend's crop: PIL's resize (torchvision on a PIL image), which torch's uint8
+        # kernel follows within one level of rounding (torchvision's float tensor path, bicubic, does not).
+        expected = torch.stack([TF.pil_to_tensor(TF.resized_crop(
+            TF.to_pil_image(images[0]), int(y0), int(x0), int(y1 - y0), int(x1 - x0), [32, 32],
+            TF.InterpolationMode(mode), antialias=True)) for x0, y0, x1, y1 in boxes.tolist()])
+        expected[1] = expected[1].flip(-1)
+        assert (host.int() - expected.int()).abs().max() <= 1, mode
     # The accelerators' roi_align path: another antialiasing filter, the same crops.
     batched = augment._crop_resize_batched(images, boxes, image_index=image_index, flip=flip, size=32)
     assert (batched - host.float()).abs().mean() < 4  # of 255
@@ -298,7 +295,7 @@ def test_cpu_chunks_and_threads_do_not_change_the_output(small_recipe, monkeypat
         torch.set_num_threads(threads)
     # The whole group at once, as on an accelerator (with the CPU's crop).
     generator = _generator(3)
-    draws = [multicrop._draw_group(sizes, group, generator=generator) for group in range(2)]
+    draws = [multicrop._draw_group(sizes, group, image_colour=None, generator=generator) for group in range(2)]
     whole = []
     for draw, size in zip(draws, small_recipe.size_crops):
         out = torch.empty(2 * 6, size, size, 3)
@@ -338,18 +335,6 @@ def test_apply_color_matches_a_float64_reference(num_pixels):
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-6)
 
 
-def test_blur_over_several_bands_matches_torchvision():
-    # Images larger than the blur's band blocks (32 lines), a 224 px crop's kernel size.
-    x = torch.rand(3, 3, 70, 45, generator=_generator(6))
-    sigmas = [0.1, 1.3, 2.0]
-    expected = torch.stack([TF.gaussian_blur(image, [23, 23], [s, s]) for image, s in zip(x, sigmas)])
-    torch.testing.assert_close(augment.gaussian_blur(x, sigma=torch.tensor(sigmas), kernel_size=23), expected,
-                               atol=1e-5, rtol=0)
-    # No denormal weights (they slow the CPU's matmul ~10x): each is 0 or a normal float.
-    matrix = augment.blur_matrix(torch.tensor([0.1, 0.5]), size=224, kernel_size=23)
-    assert ((matrix == 0) | (matrix >= torch.finfo(torch.float32).tiny)).all()
-
-
 def test_cpu_output_buffers_are_reused_only_once_released(small_recipe):
     images = torch.randint(0, 256, (4, 3, 40, 48), dtype=torch.uint8)
     sizes = torch.tensor([[40, 48]]).repeat(4, 1)
@@ -365,3 +350,25 @@ def test_cpu_output_buffers_are_reused_only_once_released(small_recipe):
     third = multicrop(images, sizes, generator=_generator(1))
     assert {crop.untyped_storage().data_ptr() for crop in third} <= addresses  # released buffers reused
     assert all(torch.equal(a, b) for a, b in zip(third, kept))
+
+
+def test_colour_before_the_crop_pivots_at_the_whole_images_mean():
+    # ColorJitter listed before the crop (NPID): one draw per image, and contrast pivots at the
+    # mean grey of the whole image (its valid region, not the padding), as VISSL's jitter of the
+    # whole image does, even for a crop that sees only part of it.
+    images = torch.randint(0, 256, (3, 3, 20, 24), dtype=torch.uint8)
+    sizes = torch.tensor([[20, 24], [10, 7], [16, 24]])
+    expected = torch.stack([image[:, :h, :w].double().mean(dim=(1, 2)) for image, (h, w) in zip(images, sizes.tolist())])
+    torch.testing.assert_close(augment.image_means(images, sizes).double(), expected, atol=1e-4, rtol=0)
+    recipe = recipe_from_transforms([dict(name="ColorJitter", contrast=0.8), dict(
+        name="ImgPilToMultiCrop", num_crops=[2, 3], size_crops=[8, 4], crop_scales=[[0.2, 1.0], [0.05, 0.2]])])
+    multicrop = DeviceMultiCrop(recipe, dtype=torch.float32, device="cpu")
+    matrix, offset = multicrop._draw_image_colour(images, sizes, generator=_generator(1))
+    factor = matrix[:, 0, 0] * 255  # contrast only: f * rgb + (1 - f) * the image's mean grey
+    torch.testing.assert_close(matrix * 255, factor[:, None, None] * torch.eye(3).expand(3, 3, 3))
+    grey = expected.float() @ torch.tensor([0.299, 0.587, 0.114])
+    torch.testing.assert_close(offset * 255, ((1 - factor) * grey)[:, None].expand(3, 3), atol=1e-3, rtol=0)
+    draws = [multicrop._draw_group(sizes, group, image_colour=(matrix, offset), generator=_generator(2))
+             for group in range(2)]
+    for draw, count in zip(draws, (2, 3)):  # every crop of image i carries image i's draw
+        assert torch.equal(draw.color_offset, offset.repeat(count, 1)) and draw.color_pivot is None

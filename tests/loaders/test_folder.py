@@ -1,4 +1,4 @@
-"""The reference loader's pieces: fault-tolerant decoding, per-sample determinism, the numpy blur."""
+"""The reference loader's pieces: fault-tolerant decoding, per-sample determinism, PIL's blur, colour order."""
 from __future__ import annotations
 
 import random
@@ -58,13 +58,19 @@ def test_sample_augmentation_depends_only_on_seed_epoch_index(tiny_root, small_r
     assert not torch.equal(first[0][0], next_epoch[0][0])
 
 
-def test_numpy_blur_matches_torchvision():
-    import torchvision.transforms.functional as TF
+def test_the_reference_blur_is_pils_gaussian_blur(tmp_path):
+    # VISSL's ImgPilGaussianBlur calls PIL's ImageFilter.GaussianBlur(radius=sigma): so does the reference.
+    from dataclasses import replace
 
-    pixels = np.random.default_rng(0).random((12, 9, 3), dtype=np.float32)
-    expected = TF.gaussian_blur(torch.from_numpy(pixels).permute(2, 0, 1), [7, 7], [1.3, 1.3])
-    result = torch.from_numpy(folder.gaussian_blur(pixels, sigma=1.3, kernel_size=7)).permute(2, 0, 1)
-    torch.testing.assert_close(result, expected, atol=1e-5, rtol=0)
+    from PIL import ImageFilter
+
+    pixels = np.random.default_rng(1).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    whole = recipe_from_transforms([dict(name="RandomResizedCrop", size=40, scale=[1.0, 1.0], ratio=[1.0, 1.0])])
+    blurred = replace(whole, augmentations=(replace(whole.augmentations[0], blur_p=1.0, blur_sigma=(1.7, 1.7)),))
+    result = folder.augment_crop(image, crop=0, recipe=blurred, rng=random.Random(0))
+    expected = np.asarray(image.filter(ImageFilter.GaussianBlur(radius=1.7)), dtype=np.float32) / 255
+    torch.testing.assert_close(result, torch.from_numpy(expected).permute(2, 0, 1))
 
 
 def test_each_crop_gets_its_own_probabilities(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from loaders.recipe import TRANSFORM_KEYS, CropAugmentation, blur_kernel_size, recipe_from_transforms
+from loaders.recipe import TRANSFORM_KEYS, CropAugmentation, recipe_from_transforms
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -100,10 +100,6 @@ def test_bad_transforms_are_one_line_errors(transforms, words):
     assert words in str(error.value) and "\n" not in str(error.value)
 
 
-def test_blur_kernel_is_odd_and_about_a_tenth():
-    assert [blur_kernel_size(s) for s in (224, 160, 96, 64, 8)] == [23, 17, 9, 7, 3]
-
-
 def test_a_misspelt_key_names_the_transform_and_the_closest_key():
     with pytest.raises(ValueError) as error:
         recipe_from_transforms([SWAV[0], dict(name="ImgPilColorDistortion", strenght=0.5)])
@@ -179,3 +175,54 @@ def test_cli_reports_a_misspelt_transform_key_in_one_line_before_training(tmp_pa
     assert "Traceback" not in result.stderr and result.stdout == ""
     assert not (tmp_path / "cache").exists()  # not even the dataset was made
     assert not checkpoints.exists() or not any(checkpoints.iterdir())
+
+
+def test_torchvision_transforms_take_vissls_keys_and_defaults():
+    # torchvision's ColorJitter: always applied, factors in [max(0, 1 - x), 1 + x], hue in [-h, h].
+    recipe = recipe_from_transforms([
+        dict(name="RandomResizedCrop", size=32, scale=[0.2, 1.0], ratio=[0.5, 2.0], interpolation=3),
+        dict(name="ColorJitter", brightness=1.2, saturation=0.3),
+        dict(name="RandomGrayscale"),
+    ])
+    (crop,) = recipe.augmentations
+    assert crop.jitter_p == 1.0 and crop.brightness == (0.0, 2.2) and crop.saturation == pytest.approx((0.7, 1.3))
+    assert crop.contrast == (1.0, 1.0) and crop.hue == (0.0, 0.0)  # ColorJitter's defaults: 0, untouched
+    assert crop.gray_p == 0.1  # RandomGrayscale's default p
+    assert recipe.interpolation == "bicubic" and recipe.crop_ratio == (0.5, 2.0)
+    assert not recipe.colour_per_image  # listed after the crop: each crop draws its own
+    assert recipe_from_transforms([dict(name="RandomResizedCrop", size=32)]).interpolation == "bilinear"
+
+
+def test_colour_before_the_crop_is_drawn_once_per_image():
+    recipe = recipe_from_transforms([dict(name="ColorJitter", hue=0.1), dict(name="RandomGrayscale", p=0.3), SWAV[0]])
+    assert recipe.colour_per_image and recipe.total_num_crops == 8
+    assert all(crop.hue == (-0.1, 0.1) and crop.gray_p == 0.3 for crop in recipe.augmentations)
+
+
+def test_resize_then_center_crop_is_the_deterministic_single_crop():
+    recipe = recipe_from_transforms([dict(name="Resize", size=256, interpolation=3), dict(name="CenterCrop", size=224),
+                                     dict(name="ToTensor")])
+    assert recipe.center_crop and recipe.resize == 256 and recipe.crop_sizes == [224]
+    assert recipe.interpolation == "bicubic"
+    alone = recipe_from_transforms([dict(name="CenterCrop", size=[96])])
+    assert alone.center_crop and alone.resize is None and alone.crop_sizes == [96]
+
+
+@pytest.mark.parametrize(
+    ("transforms", "words"),
+    [
+        ([dict(name="RandomResizedCrop", size=32, interpolation=1)], "interpolation must be PIL's resampling code"),
+        ([dict(name="Resize", size=64), dict(name="RandomResizedCrop", size=32)], "Resize needs a CenterCrop"),
+        ([dict(name="CenterCrop", size=32), dict(name="Resize", size=64)], "Resize is supported once, before"),
+        ([dict(name="ColorJitter", hue=0.6), SWAV[0]], "hue <= 0.5"),
+        ([dict(name="ColorJitter"), SWAV[0], dict(name="RandomGrayscale")], "on both sides of the crop"),
+        ([SWAV[0], dict(name="RandomGrayscale"), dict(name="ColorJitter")], "ColorJitter after RandomGrayscale"),
+        ([dict(name="ImgPilGaussianBlur"), SWAV[0]], "ImgPilGaussianBlur before the crop is not supported"),
+        ([SWAV[0], dict(name="ColorJitter"), dict(name="ImgPilColorDistortion")], "both set jitter_p"),
+        ([dict(name="ImgReplicatePil"), dict(name="CenterCrop", size=32)], "ImgReplicatePil needs"),
+    ],
+)
+def test_bad_torchvision_transforms_are_one_line_errors(transforms, words):
+    with pytest.raises(ValueError) as error:
+        recipe_from_transforms(transforms)
+    assert words in str(error.value) and "\n" not in str(error.value)

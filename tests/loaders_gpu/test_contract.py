@@ -168,3 +168,76 @@ def test_augmentation_statistics_match_the_reference(backend, tmp_path, tiny_rec
     assert abs(area - ref_area) < 0.04 and abs(area - 0.4) < 0.04
     assert abs(flip - ref_flip) < 0.17 and abs(flip - 0.5) < 0.12
     assert abs(grey - ref_grey) < 0.14 and abs(grey - 0.2) < 0.1
+
+
+def _uniform_folder(root, *, count: int):
+    """Images of one random colour each (sizes vary): any crop of one is that colour, so the
+    crops of an image differ in colour only by their colour draws."""
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    (root / "flat").mkdir(parents=True)
+    for i in range(count):
+        height, width = rng.integers(24, 48, size=2)
+        colour = rng.integers(40, 216, size=3).astype(np.uint8)
+        Image.fromarray(np.broadcast_to(colour, (height, width, 3)).copy()).save(root / "flat" / f"{i:03d}.png")
+    return root
+
+
+def _beton_of(backend, folder, tmp_path):
+    if backend != "ffcv":
+        return None
+    _require("ffcv")
+    from loaders.beton import convert_image_folder
+
+    beton = tmp_path / "flat.beton"
+    convert_image_folder(folder, beton, max_resolution=64, write_mode="raw", jpeg_quality=90,
+                         compress_probability=0.0, num_workers=1, progress=False)
+    return beton
+
+
+JITTER = dict(name="ColorJitter", brightness=0.4, contrast=0.4, saturation=0.4, hue=0.4)  # VISSL's NPID values
+TWO_BY_TWO = dict(name="ImgPilToMultiCrop", total_num_crops=4, num_crops=[2, 2], size_crops=[16, 8],
+                  crop_scales=[[0.3, 1.0], [0.1, 0.3]])
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "dali", "ffcv"])
+def test_colour_before_the_crop_is_one_draw_per_image(backend, tmp_path):
+    """VISSL's order: ColorJitter listed before the crop jitters the whole image, so all the
+    crops of an image share one jitter; listed after, each crop draws its own."""
+    from loaders.recipe import recipe_from_transforms
+
+    _require(backend)
+    folder = _uniform_folder(tmp_path / "images", count=16)
+    beton = _beton_of(backend, folder, tmp_path)
+    spreads = {}
+    for place, transforms in (("before", [JITTER, TWO_BY_TWO]), ("after", [TWO_BY_TWO, JITTER])):
+        recipe = recipe_from_transforms(transforms)
+        assert recipe.colour_per_image is (place == "before")
+        batches = _epoch(build(backend, folder=folder, beton=beton, recipe=recipe, batch_size=8,
+                               dtype=torch.float32), 0)
+        colours = torch.stack([torch.cat([b.crops[c].mean(dim=(2, 3)) for b in batches]) for c in range(4)])
+        spreads[place] = (colours.amax(dim=0) - colours.amin(dim=0)).amax(dim=1)  # (images,) in [0, 1] units
+    # One draw: every crop of an image is the same colour (rounding and resampling only).
+    assert spreads["before"].max() < 3 / 255, backend
+    # Per crop: crops of an image differ by their own jitter (|factor - 1| up to 0.4, hue 0.4 turn).
+    assert spreads["after"].median() > 20 / 255, backend
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "dali", "ffcv"])
+def test_resize_and_center_crop_is_the_deterministic_centre(backend, tmp_path):
+    """Resize 256 then CenterCrop 224, scaled down: the same crop every epoch, the image's centre."""
+    from loaders.recipe import recipe_from_transforms
+
+    _require(backend)
+    folder = _gradient_folder(tmp_path / "images", count=4)  # 256 x 256: red is x, green is y
+    beton = _beton_of(backend, folder, tmp_path)
+    recipe = recipe_from_transforms([dict(name="Resize", size=64), dict(name="CenterCrop", size=32),
+                                     dict(name="ToTensor")])
+    loader = build(backend, folder=folder, beton=beton, recipe=recipe, batch_size=4, dtype=torch.float32)
+    first, second = (torch.cat([b.crops[0] for b in _epoch(loader, e)]) for e in (0, 1))
+    torch.testing.assert_close(first, second)
+    # Resize 256 -> 64 (x4), centre 32 of 64: the original's pixels 64..191 in x and y.
+    pixels = first * 255
+    assert abs(pixels[:, 0, :, 0].mean().item() - 65.5) < 3 and abs(pixels[:, 0, :, -1].mean().item() - 189.5) < 3
+    assert abs(pixels[:, 1, 0, :].mean().item() - 65.5) < 3 and abs(pixels[:, 1, -1, :].mean().item() - 189.5) < 3

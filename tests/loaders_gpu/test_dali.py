@@ -83,9 +83,7 @@ def _single_crop_outputs(folder, recipe, **changes):
 
 def test_pipeline_ops_match_float64_references(tmp_path, tiny_recipe):
     import numpy as np
-    from PIL import Image
-
-    from loaders.recipe import blur_kernel_size
+    from PIL import Image, ImageFilter
 
     rng = np.random.default_rng(0)
     (tmp_path / "c").mkdir()
@@ -106,12 +104,9 @@ def test_pipeline_ops_match_float64_references(tmp_path, tiny_recipe):
     luma = images @ np.array([0.299, 0.587, 0.114])
     assert np.abs(grey - luma[..., None]).max() <= 2
 
-    blurred = _single_crop_outputs(tmp_path, tiny_recipe, blur_p=1.0, blur_sigma=(1.5, 1.5))
-    size = blur_kernel_size(64)
-    offsets = np.arange(size) - size // 2
-    weights = np.exp(-0.5 * (offsets / 1.5) ** 2)
-    weights /= weights.sum()
-    padded = np.pad(images, ((0, 0), (size // 2,) * 2, (size // 2,) * 2, (0, 0)), mode="reflect")
-    rows = sum(w * padded[:, i : i + 64] for i, w in enumerate(weights))
-    reference = sum(w * rows[:, :, i : i + 64] for i, w in enumerate(weights))
-    assert np.abs(blurred - reference).max() <= 1.5  # two uint8 roundings
+    # VISSL's ImgPilGaussianBlur is PIL's GaussianBlur: DALI runs PIL's own box passes.
+    for sigma in (0.3, 1.0, 1.5, 2.0):  # measured: at most 1, and 2 at sigma 1 (exact ties, 0.13 on average)
+        blurred = _single_crop_outputs(tmp_path, tiny_recipe, blur_p=1.0, blur_sigma=(sigma, sigma))
+        reference = np.stack([np.asarray(Image.fromarray(image.astype(np.uint8)).filter(ImageFilter.GaussianBlur(sigma)))
+                              for image in images]).astype(np.float64)
+        assert np.abs(blurred - reference).max() <= 2, sigma
