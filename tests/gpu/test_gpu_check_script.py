@@ -11,7 +11,7 @@ def test_dry_run_lists_every_step_with_its_time_limit():
     assert result.returncode == 0, result.stderr
     steps = [line.split(" (at most")[0][3:] for line in result.stdout.splitlines() if line.startswith("== ")]
     assert steps == ["setup", "cuda-tests", "loader", "train-swav", "train-deepclusterv2", "train-npid"]
-    limits = sum(int(line.split("at most ")[1].split("s)")[0]) for line in result.stdout.splitlines()
-                 if line.startswith("== "))
-    assert limits <= 10 * 60  # one device call
+    limits = [int(line.split("at most ")[1].split("s)")[0]) for line in result.stdout.splitlines()
+              if line.startswith("== ")]
+    assert sum(limits[1:]) <= 8 * 60  # the checks fit one device call of at most eight minutes after the set-up
     assert "-m gpu tests/gpu" in result.stdout and "TORCH_COMPILE=True" in result.stdout
