@@ -24,7 +24,8 @@ RESNET_LAYOUTS = {
     101: (Bottleneck, (3, 4, 23, 3)),
     152: (Bottleneck, (3, 8, 36, 3)),
 }
-RESNET_KEYS = ("DEPTH", "WIDTH_MULTIPLIER", "GROUPS", "WIDTH_PER_GROUP", "ZERO_INIT_RESIDUAL", "CONV_INIT")
+RESNET_KEYS = ("DEPTH", "WIDTH_MULTIPLIER", "GROUPS", "WIDTH_PER_GROUP", "ZERO_INIT_RESIDUAL", "CONV_INIT", "STEM")
+STEMS = ("imagenet", "cifar")
 CONV_INITS = ("pytorch", "kaiming_fan_out")
 REGNET_CUSTOM_KEYS = ("depth", "w_0", "w_a", "w_m", "group_width", "bottleneck_multiplier", "se_ratio")
 
@@ -93,8 +94,10 @@ class ResNetTrunk(StagedTrunk):
     pooled_layer_name = "res5avg"
 
     def __init__(self, *, depth: int, width_multiplier: int, groups: int, width_per_group: int,
-                 zero_init_residual: bool, conv_init: str):
+                 zero_init_residual: bool, conv_init: str, stem: str):
         super().__init__()
+        if stem not in STEMS:
+            raise ValueError(f"unknown MODEL.TRUNK.RESNETS.STEM {stem!r}; supported: {list(STEMS)}")
         if conv_init not in CONV_INITS:
             raise ValueError(f"unknown MODEL.TRUNK.RESNETS.CONV_INIT {conv_init!r}; supported: {list(CONV_INITS)}")
         if depth not in RESNET_LAYOUTS:
@@ -106,10 +109,14 @@ class ResNetTrunk(StagedTrunk):
         if width_multiplier < 1:
             raise ValueError(f"WIDTH_MULTIPLIER must be a positive integer, got {width_multiplier}")
         stem_width = 64 * width_multiplier
-        self.conv1 = nn.Conv2d(3, stem_width, kernel_size=7, stride=2, padding=3, bias=False)
+        # imagenet: 7x7 stride 2, then a 3x3 max-pool stride 2 (224 px -> 56 px maps); cifar (solo-learn's and
+        # lightly's small-image benchmarks): 3x3 stride 1 and no max-pool. Children in torchvision's order.
+        imagenet = stem == "imagenet"
+        self.conv1 = nn.Conv2d(3, stem_width, kernel_size=7 if imagenet else 3, stride=2 if imagenet else 1,
+                               padding=3 if imagenet else 1, bias=False)
         self.bn1 = nn.BatchNorm2d(stem_width)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if imagenet else nn.Identity()
         in_channels = stem_width
         for index, num_blocks in enumerate(blocks_per_stage):
             stage = _resnet_stage(block, in_channels=in_channels, planes=stem_width * 2**index,
@@ -231,7 +238,8 @@ def build_trunk(name: str, *, resnet: dict, regnet: dict, alexnet: dict | None =
         _check_keys("MODEL.TRUNK.RESNETS", resnet, required=RESNET_KEYS, optional=())
         return ResNetTrunk(depth=resnet["DEPTH"], width_multiplier=resnet["WIDTH_MULTIPLIER"],
                            groups=resnet["GROUPS"], width_per_group=resnet["WIDTH_PER_GROUP"],
-                           zero_init_residual=resnet["ZERO_INIT_RESIDUAL"], conv_init=resnet["CONV_INIT"])
+                           zero_init_residual=resnet["ZERO_INIT_RESIDUAL"], conv_init=resnet["CONV_INIT"],
+                           stem=resnet["STEM"])
     if name == "regnet":
         return RegNetTrunk(_build_torchvision_regnet(regnet))
     if name == "alexnet":

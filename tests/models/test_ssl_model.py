@@ -4,7 +4,7 @@ import torch
 from fastssl.models.model import build_model, group_by_resolution
 
 RESNET18 = {"DEPTH": 18, "WIDTH_MULTIPLIER": 1, "GROUPS": 1, "WIDTH_PER_GROUP": 64, "ZERO_INIT_RESIDUAL": False,
-            "CONV_INIT": "pytorch"}
+            "CONV_INIT": "pytorch", "STEM": "imagenet"}
 SWAV_HEAD = [["swav_head", {"dims": [512, 64, 16], "use_bn": True, "num_clusters": [30]}]]
 REGNET_Y_256GF = {"depth": 27, "w_0": 640, "w_a": 230.83, "w_m": 2.53, "group_width": 373}
 

@@ -15,7 +15,7 @@ REGNET_Y_256GF = {"depth": 27, "w_0": 640, "w_a": 230.83, "w_m": 2.53, "group_wi
 
 def resnet(depth, width_multiplier=1, groups=1, width_per_group=64, zero_init_residual=False, conv_init="pytorch"):
     return {"DEPTH": depth, "WIDTH_MULTIPLIER": width_multiplier, "GROUPS": groups,
-            "WIDTH_PER_GROUP": width_per_group, "ZERO_INIT_RESIDUAL": zero_init_residual, "CONV_INIT": conv_init}
+            "WIDTH_PER_GROUP": width_per_group, "ZERO_INIT_RESIDUAL": zero_init_residual, "CONV_INIT": conv_init, "STEM": "imagenet"}
 
 
 def trunk_on_meta(name, **params):
@@ -174,3 +174,17 @@ def test_alexnet_trunk():
     assert sum(isinstance(module, torch.nn.BatchNorm2d) for module in trunk.modules()) == 5
     with pytest.raises(ValueError, match="no parameters"):
         build_trunk("alexnet", resnet={}, regnet={}, alexnet={"DEPTH": 8})
+
+
+def test_cifar_stem_keeps_small_images_large_through_the_stages():
+    params = {"DEPTH": 18, "WIDTH_MULTIPLIER": 1, "GROUPS": 1, "WIDTH_PER_GROUP": 64, "ZERO_INIT_RESIDUAL": False,
+              "CONV_INIT": "pytorch"}
+    imagenet = build_trunk("resnet", resnet={**params, "STEM": "imagenet"}, regnet={}).eval()
+    cifar = build_trunk("resnet", resnet={**params, "STEM": "cifar"}, regnet={}).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert cifar.conv1.kernel_size == (3, 3) and cifar.conv1.stride == (1, 1)
+    assert cifar.forward_features(x, "res5").shape[-2:] == (4, 4)      # 32 / 8
+    assert imagenet.forward_features(x, "res5").shape[-2:] == (1, 1)   # 32 / 32
+    assert cifar(x).shape == imagenet(x).shape == (2, 512)
+    with pytest.raises(ValueError, match="STEM"):
+        build_trunk("resnet", resnet={**params, "STEM": "tiny"}, regnet={})
