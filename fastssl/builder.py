@@ -22,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from loaders.build import build_eval_loader, build_train_loader
 from loaders.images import class_names
-from loaders.sources import resolve_image_folder
 from loaders.recipe import MultiCropRecipe, recipe_from_transforms
+from loaders.sources import resolve_image_folder
 
 from . import dist, launch
 from .checkpoint import TrainingCheckpoint
