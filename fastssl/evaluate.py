@@ -158,10 +158,10 @@ def _linear_command(args, overrides: list[str]) -> int:
     if metrics is None:
         return status or 1
     trunk = "random trunk" if args.random_trunk else f"trunk of {checkpoint_file}"
-    print(f"linear evaluation ({trunk}): top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}% on "
-          f"{metrics['test_images']} held-out images; run in {output}")
-    print(json.dumps({"linear": {"top1": metrics["top1"], "top5": metrics["top5"]},
-                      "test_images": metrics["test_images"], "checkpoint": str(checkpoint_file),
+    accuracy = {key: value for key, value in metrics.items() if key.startswith("top")}  # top1, top5 (per head)
+    shown = ", ".join(f"{key.replace('top', 'top-')} {value:.2f}%" for key, value in accuracy.items())
+    print(f"linear evaluation ({trunk}): {shown} on {metrics['test_images']} held-out images; run in {output}")
+    print(json.dumps({"linear": accuracy, "test_images": metrics["test_images"], "checkpoint": str(checkpoint_file),
                       "random_trunk": args.random_trunk, "run": str(output)}))
     return 0
 
