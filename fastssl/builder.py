@@ -26,7 +26,7 @@ from loaders.recipe import MultiCropRecipe, recipe_from_transforms
 from loaders.sources import resolve_image_folder
 
 from . import dist, launch
-from .checkpoint import TrainingCheckpoint
+from .checkpoint import TrainingCheckpoint, latest_checkpoint
 from .config import ROOT_DEFAULTS, ConfigError
 from .engine import LoopSettings
 from .metrics import RunLogger
@@ -469,8 +469,15 @@ def weights_init_options(cfg: DictConfig) -> dict:
     model as it is built; a resumed run then restores its own checkpoint over them. A feature evaluation
     loads the trunk only (VISSL's should_init_head_weights): its heads are new classifiers."""
     init = cfg.MODEL.WEIGHTS_INIT
+    params_file = init.PARAMS_FILE
+    if params_file and Path(params_file).is_dir():  # a fastssl run directory: its latest checkpoint
+        latest = latest_checkpoint(params_file)
+        if latest is None:
+            raise ConfigError(f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE {params_file} is a directory without "
+                              "checkpoint_step*.torch")
+        params_file = str(latest)
     skip_layers = list(init.SKIP_LAYERS or []) + (["heads."] if feature_eval(cfg) else [])
-    return {"params_file": init.PARAMS_FILE, "state_dict_key_name": init.STATE_DICT_KEY_NAME,
+    return {"params_file": params_file, "state_dict_key_name": init.STATE_DICT_KEY_NAME,
             "skip_layers": skip_layers, "remove_prefix": init.REMOVE_PREFIX, "append_prefix": init.APPEND_PREFIX}
 
 

@@ -8,9 +8,9 @@ import torch
 from omegaconf import OmegaConf
 
 from fastssl.builder import (build_method, build_run_model, check_feature_eval, derive, resolve_head_params,
-                             run_info)
+                             run_info, weights_init_options)
 from fastssl.checkpoint import latest_checkpoint, load_checkpoint
-from fastssl.config import compose_config
+from fastssl.config import ConfigError, compose_config
 from fastssl.evaluate import main as eval_main
 from fastssl.methods.linear_eval import LinearEvaluation, topk_correct
 from fastssl.models import FeatureEvalModel, build_feature_eval_model
@@ -210,3 +210,34 @@ def test_eval_cli_trains_a_classifier_on_a_checkpoint_and_on_a_random_trunk(tmp_
         assert saved["config"]["MODEL"]["HEAD"]["PARAMS"] == [["eval_mlp", {"in_channels": 512, "dims": [512, 10]}]]
         assert bool(saved["config"]["MODEL"]["WEIGHTS_INIT"]["PARAMS_FILE"]) == (directory == "linear_eval")
     assert eval_main(["linear", "--checkpoint", str(tmp_path / "missing")]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [IN1K, BYOL])
+def test_imagenet_seed_configs_run_a_step_and_test_at_full_size(name, tmp_path):
+    # ResNet-50 at 224 px, every head of the seed (conv1..res5 pooled maps, the res5 pool): one step, then
+    # the held-out top-k of each head; the built-in dataset stands in for ImageNet.
+    command = [f"config={name}", *TINY_DATA, "config.DATA.TRAIN.SYNTHETIC.IMAGE_SIZE=64",
+               "config.MODEL.WEIGHTS_INIT.PARAMS_FILE=", "config.DATA.TRAIN.DATA_LIMIT=4",
+               "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=4", "config.DATA.TEST.DATA_LIMIT=4",
+               "config.OPTIMIZER.num_epochs=1", "config.DISTRIBUTED.NUM_NODES=1",
+               "config.DISTRIBUTED.NUM_PROC_PER_NODE=1", "config.DISTRIBUTED.BACKEND=gloo",
+               "config.MODEL.SYNC_BN_CONFIG.CONVERT_BN_TO_SYNC_BN=False", f"config.CHECKPOINT.DIR={tmp_path}"]
+    assert main(command) == 0
+    final = read_final(tmp_path)
+    layers = ["conv1", "res2", "res3", "res4", "res5"] + (["res5avg#5", "res5avg#6"] if name == IN1K else ["res5avg"])
+    assert [key for key in final if key.startswith("top1/")] == [f"top1/{layer}" for layer in layers]
+    assert final["test_images"] == 4
+
+
+def test_weights_init_takes_a_run_directory_and_skips_the_heads_in_feature_evaluation(tmp_path):
+    for step in (3, 12):
+        (tmp_path / f"checkpoint_step{step:08d}.torch").write_bytes(b"")
+    options = weights_init_options(compose_config([f"config={SYNTHETIC}",
+                                                   f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={tmp_path}"]))
+    assert options["params_file"] == str(tmp_path / "checkpoint_step00000012.torch")
+    assert "heads." in options["skip_layers"]
+    (tmp_path / "empty").mkdir()
+    empty = compose_config([f"config={SYNTHETIC}", f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={tmp_path / 'empty'}"])
+    with pytest.raises(ConfigError, match="a directory without checkpoint_step"):
+        weights_init_options(empty)
