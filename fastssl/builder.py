@@ -336,6 +336,26 @@ def check_feature_eval(cfg: DictConfig, *, head_params: list) -> None:
         check_head_inputs(model, image_size=size, feature_pool_ops=pool_ops)
 
 
+def training_classes(cfg: DictConfig) -> tuple[Path, int]:
+    """(the training image folder, its number of classes) of DATA.TRAIN (synthetic or disk_folder)."""
+    source, train_path = data_source(cfg)
+    folder = resolve_image_folder(source=source, data_path=train_path, split="train",
+                                  synthetic_params=synthetic_params(cfg))
+    return folder, len(class_names(folder))
+
+
+def check_num_classes(cfg: DictConfig, *, head_params: list) -> None:
+    """Every classifier has an output per class of the training folder: a label past the last output fails in
+    the cross-entropy (on a GPU as a device-side assert), so it is a one-line error here."""
+    if data_source(cfg)[0] == "ffcv":  # a .beton's classes are not listed without reading it
+        return
+    folder, num_classes = training_classes(cfg)
+    for index, (name, kwargs) in enumerate(head_params):
+        if kwargs["dims"][-1] < num_classes:
+            raise ConfigError(f"config.MODEL.HEAD.PARAMS[{index}] ({name}) has {kwargs['dims'][-1]} outputs for the "
+                              f"{num_classes} classes of {folder}")
+
+
 LINEAR_EVAL_CONFIGS = {"synthetic": "benchmark/linear_image_classification/synthetic/eval_resnet18_1node_cpu_linear",
                        "disk_folder": "benchmark/linear_image_classification/imagenet1k/byol_transfer_in1k_linear"}
 
@@ -355,9 +375,7 @@ def linear_eval_arguments(cfg: DictConfig, *, weights_file: str | None, output_d
     with torch.device("meta"):
         feature_dim = build_trunk(trunk.NAME, resnet=OmegaConf.to_container(trunk.RESNETS),
                                   regnet=_regnet_params(cfg)).feature_dim
-    folder = resolve_image_folder(source=source, data_path=train_path, split="train",
-                                  synthetic_params=synthetic_params(cfg))
-    head = [["eval_mlp", {"in_channels": feature_dim, "dims": [feature_dim, len(class_names(folder))]}]]
+    head = [["eval_mlp", {"in_channels": feature_dim, "dims": [feature_dim, training_classes(cfg)[1]]}]]
     values = {"MODEL.TRUNK.NAME": trunk.NAME, "MODEL.TRUNK.RESNETS": OmegaConf.to_container(trunk.RESNETS),
               "MODEL.TRUNK.REGNET": OmegaConf.to_container(trunk.REGNET), "MODEL.HEAD.PARAMS": head,
               "MODEL.FEATURE_EVAL_SETTINGS.LINEAR_EVAL_FEAT_POOL_OPS_MAP": [],
@@ -522,6 +540,7 @@ def build_run(cfg: DictConfig, *, info: dist.DistInfo, device: torch.device, sto
     head_params = resolve_head_params(cfg)
     if feature_eval(cfg):
         check_feature_eval(cfg, head_params=head_params)
+        check_num_classes(cfg, head_params=head_params)
     test_loader = (build_test_data(cfg, rank=info.rank, world_size=info.world_size, device=device)
                    if cfg.TEST_MODEL else None)
     model = build_model_for_rank(cfg, head_params=head_params, info=info, device=device)

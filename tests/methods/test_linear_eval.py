@@ -184,6 +184,7 @@ def test_two_ranks_equal_one_process_for_the_classifier_and_the_held_out_accurac
      "Resize has no key 'interpolation'"),
     ('config.MODEL.FEATURE_EVAL_SETTINGS.LINEAR_EVAL_FEAT_POOL_OPS_MAP=[["res5", ["AvgPool2d", [[6, 6], 1, 0]]]]',
      "does not fit 32 px"),
+    ('config.MODEL.HEAD.PARAMS=[["eval_mlp", {"in_channels": 512, "dims": [512, 5]}]]', "has 5 outputs for the 10"),
 ])
 def test_bad_settings_are_one_line_errors(override, message, tmp_path, capsys):
     head = 'config.MODEL.HEAD.PARAMS=[["mlp", {"dims": [512, 10]}]]'
