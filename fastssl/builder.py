@@ -8,6 +8,7 @@ computed in ``derive`` and logged once.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import re
@@ -20,15 +21,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from loaders.build import build_eval_loader, build_train_loader
+from loaders.images import class_names
 from loaders.recipe import MultiCropRecipe, recipe_from_transforms
+from loaders.sources import resolve_image_folder
 
 from . import dist, launch
-from .checkpoint import TrainingCheckpoint
+from .checkpoint import TrainingCheckpoint, latest_checkpoint
 from .config import ROOT_DEFAULTS, ConfigError
 from .engine import LoopSettings
 from .metrics import RunLogger
 from .methods import METHODS, Method, RunInfo
-from .models import build_model, build_trunk, fit_head_to_trunk
+from .models import build_feature_eval_model, build_model, build_trunk, check_head_inputs, fit_head_to_trunk
 from .models.model import SSLModel
 from .optim import build_optimizer, precompute_schedule, scale_lr_schedule
 from .weights import load_initial_weights
@@ -177,6 +180,48 @@ def build_eval_data(cfg: DictConfig, *, split: str, data_path: str | None, image
                              synthetic_params=synthetic_params(cfg), mean=run_recipe.mean, std=run_recipe.std)
 
 
+TEST_TRANSFORM_KEYS = {"Resize": {"size"}, "CenterCrop": {"size"}, "ToTensor": set(), "Normalize": {"mean", "std"}}
+
+
+def test_transform(cfg: DictConfig) -> dict:
+    """DATA.TEST.TRANSFORMS (exactly Resize, CenterCrop, ToTensor, Normalize) as build_eval_loader's
+    resize_size, image_size, mean and std."""
+    transforms = OmegaConf.to_container(cfg.DATA.TEST.TRANSFORMS)
+    names = [transform.get("name") for transform in transforms]
+    if names != list(TEST_TRANSFORM_KEYS):
+        raise ConfigError(f"config.DATA.TEST.TRANSFORMS must be {', '.join(TEST_TRANSFORM_KEYS)}, got {names}")
+    for transform in transforms:
+        extra = sorted(set(transform) - {"name"} - TEST_TRANSFORM_KEYS[transform["name"]])
+        if extra:  # VISSL's interpolation: 3 (bicubic) among them; fastssl resizes bilinearly
+            raise ConfigError(f"config.DATA.TEST.TRANSFORMS: {transform['name']} has no key {extra[0]!r} in fastssl "
+                              f"(keys: {sorted(TEST_TRANSFORM_KEYS[transform['name']]) or 'none'})")
+    resize, crop, _, normalize = transforms
+    return {"resize_size": resize["size"], "image_size": crop["size"], "mean": tuple(normalize["mean"]),
+            "std": tuple(normalize["std"])}
+
+
+def build_test_data(cfg: DictConfig, *, rank: int, world_size: int, device: torch.device):
+    """This rank's shard of the held-out split (DATA.TEST), in dataset order, one centre crop per image.
+    DATA.TEST's synthetic source is the built-in dataset's held-out split (DATA.TRAIN.SYNTHETIC's)."""
+    test_cfg = cfg.DATA.TEST
+    sources, paths = list(test_cfg.DATA_SOURCES) or ["synthetic"], list(test_cfg.DATA_PATHS)
+    if len(sources) != 1 or sources[0] not in ("synthetic", "disk_folder"):
+        raise ConfigError(f"config.DATA.TEST.DATA_SOURCES takes one source, synthetic or disk_folder, got {sources}")
+    source = sources[0]
+    if source == "disk_folder" and not paths:
+        if data_source(cfg)[0] != "synthetic":
+            raise ConfigError("config.DATA.TEST.DATA_SOURCES=[disk_folder] needs DATA.TEST.DATA_PATHS, the held-out "
+                              "image folder")
+        notice("DATA.TEST.DATA_SOURCES=[disk_folder] but no DATA_PATHS given: testing on the built-in dataset's "
+               "held-out split, as training uses the built-in dataset")
+        source = "synthetic"
+    return build_eval_loader(source=source, data_path=paths[0] if source == "disk_folder" else None, split="val",
+                             batch_size=test_cfg.BATCHSIZE_PER_REPLICA, num_workers=cfg.DATA.NUM_DATALOADER_WORKERS,
+                             data_limit=test_cfg.DATA_LIMIT, device=device, dtype=torch.float32,
+                             synthetic_params=synthetic_params(cfg), rank=rank, world_size=world_size,
+                             **test_transform(cfg))
+
+
 # ---------------- derived values ----------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -231,10 +276,23 @@ def _regnet_params(cfg: DictConfig) -> dict:
     return {k: v for k, v in OmegaConf.to_container(cfg.MODEL.TRUNK.REGNET).items() if v is not None}
 
 
+def feature_eval(cfg: DictConfig) -> bool:
+    """Whether the model is the feature-evaluation model (MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON): a frozen
+    trunk's pooled layers, one head each (fastssl/models/feature_eval.py)."""
+    settings = cfg.MODEL.FEATURE_EVAL_SETTINGS
+    if settings.EVAL_MODE_ON and not settings.FREEZE_TRUNK_ONLY:
+        raise ConfigError("config.MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON needs FREEZE_TRUNK_ONLY=True: fastssl "
+                          "evaluates a frozen trunk (no fine-tuning, no frozen heads)")
+    return bool(settings.EVAL_MODE_ON)
+
+
 def resolve_head_params(cfg: DictConfig) -> list:
     """MODEL.HEAD.PARAMS fitted to the run: the first head's input follows the trunk's feature_dim, and
     the last head's output follows LOSS.<name>.memory_params.embedding_dim where the loss sets one
-    (the DeepClusterV2 page changes the projection with that key). A notice says what changed."""
+    (the DeepClusterV2 page changes the projection with that key). A notice says what changed.
+    Feature-evaluation heads are taken as given: each reads its own layer (check_feature_eval)."""
+    if feature_eval(cfg):
+        return OmegaConf.to_container(cfg.MODEL.HEAD.PARAMS)
     trunk = cfg.MODEL.TRUNK
     with torch.device("meta"):
         feature_dim = build_trunk(trunk.NAME, resnet=OmegaConf.to_container(trunk.RESNETS),
@@ -256,9 +314,78 @@ def build_run_model(cfg: DictConfig, *, head_params: list, on_meta: bool = False
     """MODEL.TRUNK + the resolved heads, on the meta device when asked (for checks of huge models)."""
     trunk = cfg.MODEL.TRUNK
     with torch.device("meta") if on_meta else contextlib.nullcontext():
+        if feature_eval(cfg):
+            settings = cfg.MODEL.FEATURE_EVAL_SETTINGS
+            return build_feature_eval_model(
+                trunk_name=trunk.NAME, resnet=OmegaConf.to_container(trunk.RESNETS), regnet=_regnet_params(cfg),
+                alexnet=None, head_params=head_params, flatten=settings.SHOULD_FLATTEN_FEATS,
+                feature_pool_ops=OmegaConf.to_container(settings.LINEAR_EVAL_FEAT_POOL_OPS_MAP),
+                channels_last=cfg.MODEL.CHANNELS_LAST)
         return build_model(trunk_name=trunk.NAME, resnet=OmegaConf.to_container(trunk.RESNETS),
                            regnet=_regnet_params(cfg), alexnet=None, head_params=head_params,
                            channels_last=cfg.MODEL.CHANNELS_LAST)
+
+
+def check_feature_eval(cfg: DictConfig, *, head_params: list) -> None:
+    """Every feature-evaluation head fits its pooled layer at the training and the test crop size (a model
+    on the meta device runs the shapes: a one-line error before anything is loaded)."""
+    model = build_run_model(cfg, head_params=head_params, on_meta=True)
+    pool_ops = OmegaConf.to_container(cfg.MODEL.FEATURE_EVAL_SETTINGS.LINEAR_EVAL_FEAT_POOL_OPS_MAP)
+    sizes = {recipe(cfg).size_crops[0]} | ({test_transform(cfg)["image_size"]} if cfg.TEST_MODEL else set())
+    for size in sorted(sizes):
+        check_head_inputs(model, image_size=size, feature_pool_ops=pool_ops)
+
+
+def training_classes(cfg: DictConfig) -> tuple[Path, int]:
+    """(the training image folder, its number of classes) of DATA.TRAIN (synthetic or disk_folder)."""
+    source, train_path = data_source(cfg)
+    folder = resolve_image_folder(source=source, data_path=train_path, split="train",
+                                  synthetic_params=synthetic_params(cfg))
+    return folder, len(class_names(folder))
+
+
+def check_num_classes(cfg: DictConfig, *, head_params: list) -> None:
+    """Every classifier has an output per class of the training folder: a label past the last output fails in
+    the cross-entropy (on a GPU as a device-side assert), so it is a one-line error here."""
+    if data_source(cfg)[0] == "ffcv":  # a .beton's classes are not listed without reading it
+        return
+    folder, num_classes = training_classes(cfg)
+    for index, (name, kwargs) in enumerate(head_params):
+        if kwargs["dims"][-1] < num_classes:
+            raise ConfigError(f"config.MODEL.HEAD.PARAMS[{index}] ({name}) has {kwargs['dims'][-1]} outputs for the "
+                              f"{num_classes} classes of {folder}")
+
+
+LINEAR_EVAL_CONFIGS = {"synthetic": "benchmark/linear_image_classification/synthetic/eval_resnet18_1node_cpu_linear",
+                       "disk_folder": "benchmark/linear_image_classification/imagenet1k/byol_transfer_in1k_linear"}
+
+
+def linear_eval_arguments(cfg: DictConfig, *, weights_file: str | None, output_dir: str,
+                          test_path: str | None) -> list[str]:
+    """fastssl-train's arguments for a linear evaluation of the trunk of the run whose config is ``cfg`` (a
+    checkpoint's): LINEAR_EVAL_CONFIGS' protocol for its data source on one process, its trunk (initialised
+    from ``weights_file``; None: random) and its training data, one eval_mlp classifier on the trunk's pooled
+    output over the classes of its training folder, tested on the built-in held-out split or ``test_path``."""
+    source, train_path = data_source(cfg)
+    if source not in LINEAR_EVAL_CONFIGS:
+        raise ConfigError(f"linear evaluation reads image folders; the run's source is {source}")
+    if source == "disk_folder" and not test_path:
+        raise ConfigError("the run trained on an image folder: give the held-out image folder (--val-path)")
+    trunk = cfg.MODEL.TRUNK
+    with torch.device("meta"):
+        feature_dim = build_trunk(trunk.NAME, resnet=OmegaConf.to_container(trunk.RESNETS),
+                                  regnet=_regnet_params(cfg)).feature_dim
+    head = [["eval_mlp", {"in_channels": feature_dim, "dims": [feature_dim, training_classes(cfg)[1]]}]]
+    values = {"MODEL.TRUNK.NAME": trunk.NAME, "MODEL.TRUNK.RESNETS": OmegaConf.to_container(trunk.RESNETS),
+              "MODEL.TRUNK.REGNET": OmegaConf.to_container(trunk.REGNET), "MODEL.HEAD.PARAMS": head,
+              "MODEL.FEATURE_EVAL_SETTINGS.LINEAR_EVAL_FEAT_POOL_OPS_MAP": [],
+              "MODEL.WEIGHTS_INIT.PARAMS_FILE": weights_file or "", "DATA.TRAIN.DATA_SOURCES": [source],
+              "DATA.TRAIN.DATA_PATHS": [train_path] if train_path else [],
+              "DATA.TRAIN.SYNTHETIC": OmegaConf.to_container(cfg.DATA.TRAIN.SYNTHETIC),
+              "DATA.TEST.DATA_SOURCES": [source], "DATA.TEST.DATA_PATHS": [test_path] if test_path else [],
+              "DISTRIBUTED.NUM_NODES": 1, "DISTRIBUTED.NUM_PROC_PER_NODE": 1, "CHECKPOINT.DIR": output_dir}
+    return [f"config={LINEAR_EVAL_CONFIGS[source]}"] + [f"config.{key}={json.dumps(value)}"
+                                                        for key, value in values.items()]
 
 
 def frozen_parameters(cfg: DictConfig, model: torch.nn.Module) -> list:
@@ -349,6 +476,7 @@ class Run:
     settings: LoopSettings
     auto_resume: bool          # CHECKPOINT.AUTO_RESUME: continue from the latest checkpoint of the directory
     logger_options: dict       # RunLogger's keyword arguments but the start step
+    test_loader: object = None  # this rank's shard of DATA.TEST with TEST_MODEL, for method.on_train_end
 
     def logger(self, *, start_step: int) -> RunLogger:
         return RunLogger(**self.logger_options, total_steps=self.derived.total_iterations, start_step=start_step)
@@ -356,11 +484,19 @@ class Run:
 
 def weights_init_options(cfg: DictConfig) -> dict:
     """MODEL.WEIGHTS_INIT as weights.load_initial_weights' keyword arguments. The weights initialise the
-    model as it is built; a resumed run then restores its own checkpoint over them."""
+    model as it is built; a resumed run then restores its own checkpoint over them. A feature evaluation
+    loads the trunk only (VISSL's should_init_head_weights): its heads are new classifiers."""
     init = cfg.MODEL.WEIGHTS_INIT
-    return {"params_file": init.PARAMS_FILE, "state_dict_key_name": init.STATE_DICT_KEY_NAME,
-            "skip_layers": list(init.SKIP_LAYERS or []), "remove_prefix": init.REMOVE_PREFIX,
-            "append_prefix": init.APPEND_PREFIX}
+    params_file = init.PARAMS_FILE
+    if params_file and Path(params_file).is_dir():  # a fastssl run directory: its latest checkpoint
+        latest = latest_checkpoint(params_file)
+        if latest is None:
+            raise ConfigError(f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE {params_file} is a directory without "
+                              "checkpoint_step*.torch")
+        params_file = str(latest)
+    skip_layers = list(init.SKIP_LAYERS or []) + (["heads."] if feature_eval(cfg) else [])
+    return {"params_file": params_file, "state_dict_key_name": init.STATE_DICT_KEY_NAME,
+            "skip_layers": skip_layers, "remove_prefix": init.REMOVE_PREFIX, "append_prefix": init.APPEND_PREFIX}
 
 
 def build_model_for_rank(cfg: DictConfig, *, head_params: list, info: dist.DistInfo,
@@ -370,7 +506,13 @@ def build_model_for_rank(cfg: DictConfig, *, head_params: list, info: dist.DistI
     point 6: SyncBN conversion, device, autocast (the loop's), DDP (build_run))."""
     model = build_run_model(cfg, head_params=head_params)
     if cfg.MODEL.WEIGHTS_INIT.PARAMS_FILE:
-        notice(load_initial_weights(model, **weights_init_options(cfg)).summary())
+        report = load_initial_weights(model, **weights_init_options(cfg))
+        notice(report.summary())
+        if feature_eval(cfg) and report.missing:
+            raise ConfigError(f"the frozen trunk would keep {len(report.missing)} random tensors that "
+                              f"{cfg.MODEL.WEIGHTS_INIT.PARAMS_FILE} lacks (e.g. {report.missing[0]})")
+    elif feature_eval(cfg):
+        notice("no MODEL.WEIGHTS_INIT.PARAMS_FILE: the frozen trunk keeps its random initialisation (a baseline)")
     sync_bn = cfg.MODEL.SYNC_BN_CONFIG
     if sync_bn.CONVERT_BN_TO_SYNC_BN and sync_bn.SYNC_BN_TYPE == "apex":
         notice("SYNC_BN_TYPE apex is mapped to torch.nn.SyncBatchNorm")
@@ -378,6 +520,8 @@ def build_model_for_rank(cfg: DictConfig, *, head_params: list, info: dist.DistI
         bn_group = dist.sync_bn_process_group(rank=info.rank, world_size=info.world_size,
                                               local_world_size=info.local_world_size, group_size=sync_bn.GROUP_SIZE)
         model = dist.convert_sync_batchnorm(model, process_group=bn_group, device=device)
+    if feature_eval(cfg):  # after the SyncBN conversion; the optimizer takes parameters with requires_grad only
+        model.trunk.requires_grad_(False)
     return model.to(device)
 
 
@@ -394,6 +538,11 @@ def build_run(cfg: DictConfig, *, info: dist.DistInfo, device: torch.device, sto
     notice(f"derived: {derived.summary()}; device {device}, amp {autocast_dtype}, checkpoints {checkpoint_dir}")
 
     head_params = resolve_head_params(cfg)
+    if feature_eval(cfg):
+        check_feature_eval(cfg, head_params=head_params)
+        check_num_classes(cfg, head_params=head_params)
+    test_loader = (build_test_data(cfg, rank=info.rank, world_size=info.world_size, device=device)
+                   if cfg.TEST_MODEL else None)
     model = build_model_for_rank(cfg, head_params=head_params, info=info, device=device)
     method = build_method(cfg, run_info(cfg, derived, rank=info.rank, device=device, head_params=head_params,
                                         autocast_dtype=autocast_dtype, process_group=dist.global_group()))
@@ -420,4 +569,4 @@ def build_run(cfg: DictConfig, *, info: dist.DistInfo, device: torch.device, sto
                           progress_bar=cfg.HOOKS.PROGRESS_BAR and sys.stdout.isatty())
     return Run(device=device, loader=loader, derived=derived, model=model, trained_model=trained_model, method=method,
                optimizer=optimizer, scaler=scaler, checkpoint=checkpoint, settings=settings,
-               auto_resume=cfg.CHECKPOINT.AUTO_RESUME, logger_options=logger_options)
+               auto_resume=cfg.CHECKPOINT.AUTO_RESUME, logger_options=logger_options, test_loader=test_loader)

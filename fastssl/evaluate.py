@@ -1,11 +1,16 @@
-"""fastssl-eval: k-nearest-neighbour evaluation of a trunk's features, for any checkpoint.
+"""fastssl-eval: k-nearest-neighbour and linear evaluation of a trunk's features, for any checkpoint.
 
     fastssl-eval knn --checkpoint checkpoints/swav_1node_cpu_resnet18 [--k 20] [--baselines]
+    fastssl-eval linear --checkpoint checkpoints/swav_1node_cpu_resnet18 [--epochs 10] [--random-trunk]
 
 Features are the pooled trunk output, L2-normalised; each held-out image votes with its k nearest
 training images weighted by exp(similarity / T) (the weighted kNN of Wu et al. 2018, T = 0.07).
 With --baselines the same figure is printed for a randomly initialised trunk of the same
 architecture, with BatchNorm statistics as initialised and re-estimated on the training images.
+
+``linear`` composes a fastssl-train run (benchmark/linear_image_classification/...) that trains a linear
+classifier on the checkpoint's frozen trunk (MODEL.WEIGHTS_INIT) over the checkpoint's training data, and
+prints its held-out top-1 and top-5; further ``config.KEY=value`` arguments are passed on.
 """
 from __future__ import annotations
 
@@ -18,8 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .builder import build_eval_data, build_run_model, config_from_checkpoint
+from . import train
+from .builder import build_eval_data, build_run_model, config_from_checkpoint, linear_eval_arguments
 from .checkpoint import latest_checkpoint, load_checkpoint
+from .config import ConfigError
 
 
 @torch.no_grad()
@@ -83,11 +90,19 @@ def knn_report(*, trunk_builder, trained_state: dict | None, train_loader, val_l
     return report
 
 
-def _knn_command(args) -> int:
-    path = Path(args.checkpoint)
-    checkpoint_file = latest_checkpoint(path) if path.is_dir() else path
-    if checkpoint_file is None or not checkpoint_file.exists():
+def _checkpoint_file(path: str) -> Path | None:
+    """A checkpoint file, or a run directory's latest checkpoint; None (after an error line) when there is none."""
+    path = Path(path)
+    found = latest_checkpoint(path) if path.is_dir() else path
+    if found is None or not found.exists():
         print(f"fastssl-eval: error: no checkpoint found at {path}", file=sys.stderr)
+        return None
+    return found
+
+
+def _knn_command(args) -> int:
+    checkpoint_file = _checkpoint_file(args.checkpoint)
+    if checkpoint_file is None:
         return 2
     saved = load_checkpoint(checkpoint_file)
     cfg = config_from_checkpoint(saved)
@@ -115,6 +130,42 @@ def _knn_command(args) -> int:
     return 0
 
 
+def final_metrics(directory: Path) -> dict | None:
+    """The last end-of-training record of a run's metrics.jsonl (fastssl/metrics.py, log_final)."""
+    path = directory / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    ends = [record for record in records if record.get("phase") == "end"]
+    return ends[-1] if ends else None
+
+
+def _linear_command(args, overrides: list[str]) -> int:
+    checkpoint_file = _checkpoint_file(args.checkpoint)
+    if checkpoint_file is None:
+        return 2
+    run_dir = checkpoint_file.parent
+    output = Path(args.output or run_dir / ("linear_eval_random" if args.random_trunk else "linear_eval"))
+    try:
+        arguments = linear_eval_arguments(config_from_checkpoint(load_checkpoint(checkpoint_file)),
+                                          weights_file=None if args.random_trunk else str(checkpoint_file),
+                                          output_dir=str(output), test_path=args.val_path)
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        print(f"fastssl-eval: error: {error}", file=sys.stderr)
+        return 2
+    arguments += [f"config.OPTIMIZER.num_epochs={args.epochs}"] if args.epochs else []
+    arguments += ["config.MACHINE.DEVICE=cpu"] if args.cpu else []
+    status = train.main(arguments + overrides)
+    metrics = final_metrics(output) if status == 0 else None
+    if metrics is None:
+        return status or 1
+    trunk = "random trunk" if args.random_trunk else f"trunk of {checkpoint_file}"
+    accuracy = {key: value for key, value in metrics.items() if key.startswith("top")}  # top1, top5 (per head)
+    shown = ", ".join(f"{key.replace('top', 'top-')} {value:.2f}%" for key, value in accuracy.items())
+    print(f"linear evaluation ({trunk}): {shown} on {metrics['test_images']} held-out images; run in {output}")
+    print(json.dumps({"linear": accuracy, "test_images": metrics["test_images"], "checkpoint": str(checkpoint_file),
+                      "random_trunk": args.random_trunk, "run": str(output)}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastssl-eval", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -129,8 +180,18 @@ def main(argv: list[str] | None = None) -> int:
     knn.add_argument("--batch-size", type=int, default=256)
     knn.add_argument("--workers", type=int, default=2)
     knn.add_argument("--cpu", action="store_true")
-    args = parser.parse_args(argv)
-    return _knn_command(args)
+    linear = commands.add_parser("linear", help="train a linear classifier on the frozen trunk (a fastssl-train run)")
+    linear.add_argument("--checkpoint", required=True, help="a checkpoint file or a checkpoint directory (latest)")
+    linear.add_argument("--epochs", type=int, default=0, help="classifier epochs (default: the protocol's)")
+    linear.add_argument("--random-trunk", action="store_true", help="the same architecture, randomly initialised")
+    linear.add_argument("--val-path", default=None, help="ImageFolder of held-out images (synthetic: built in)")
+    linear.add_argument("--output", default=None, help="the run's directory (default: <run>/linear_eval[_random])")
+    linear.add_argument("--cpu", action="store_true")
+    args, overrides = parser.parse_known_args(argv)
+    unknown = [word for word in overrides if not word.startswith("config.")]
+    if unknown or (overrides and args.command != "linear"):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    return _linear_command(args, overrides) if args.command == "linear" else _knn_command(args)
 
 
 if __name__ == "__main__":

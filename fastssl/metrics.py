@@ -61,6 +61,19 @@ class RunLogger:
                   f"img/s {record['images_per_s']:.1f} data-wait {100 * record['data_wait_share']:.0f}% "
                   f"eta {remaining / 60:.1f} min", flush=True)
 
+    def log_final(self, metrics: dict, *, step: int) -> None:
+        """The run's final metrics (method.on_train_end): one printed line, one metrics.jsonl record with
+        "phase": "end", TensorBoard scalars under end/."""
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"time": time.time(), "step": step, "phase": "end", **metrics}) + "\n")
+        if self.writer is not None:
+            for key, value in metrics.items():
+                self.writer.add_scalar(f"end/{key}", value, step)
+        shown = ", ".join(f"{key} {value:.2f}" if isinstance(value, float) else f"{key} {value}"
+                          for key, value in metrics.items())
+        self.info(f"fastssl: end of training (step {step}): {shown}")
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

@@ -30,7 +30,8 @@ def run(cfg) -> TrainState:
 
 
 def train_run(cfg, *, info: dist.DistInfo, device, stop: dist.StopOnSignal) -> TrainState:
-    """Build, resume from the latest checkpoint (CHECKPOINT.AUTO_RESUME), train."""
+    """Build, resume from the latest checkpoint (CHECKPOINT.AUTO_RESUME), train, then the method's final
+    metrics (method.on_train_end: linear evaluation's held-out accuracy), printed and logged."""
     run = build_run(cfg, info=info, device=device, stop_requested=stop)
     restored = run.checkpoint.restore_latest(map_location=device) if run.auto_resume else None
     state = restored[0] if restored else TrainState()
@@ -43,9 +44,13 @@ def train_run(cfg, *, info: dist.DistInfo, device, stop: dist.StopOnSignal) -> T
         state = train(model=run.model, trained_model=run.trained_model, method=run.method, optimizer=run.optimizer,
                       scaler=run.scaler, loader=run.loader, state=state, settings=run.settings,
                       checkpoint=run.checkpoint, logger=logger)
+        stopped = stop.stopped and state.step < run.derived.total_iterations
+        final_metrics = None if stopped else run.method.on_train_end(model=run.model, test_loader=run.test_loader)
+        if final_metrics:
+            logger.log_final(final_metrics, step=state.step)
     finally:
         logger.close()
-    if stop.stopped and state.step < run.derived.total_iterations:
+    if stopped:
         notice(f"stopped by a signal at step {state.step} with a checkpoint in {run.checkpoint.directory}; "
                "the same command resumes")
     else:

@@ -104,13 +104,15 @@ class MultiCropFolder(torch.utils.data.Dataset):
 
 
 class CenterCropFolder(torch.utils.data.Dataset):
-    """Evaluation items: resize the short side to image_size / 0.875, centre-crop image_size
-    (the standard ImageNet evaluation ratio, 256 -> 224). Same item layout as MultiCropFolder."""
+    """Evaluation items: resize the short side to resize_size (None: image_size / 0.875, the
+    standard ImageNet evaluation ratio, 256 -> 224), centre-crop image_size. Same item layout as
+    MultiCropFolder."""
 
-    def __init__(self, root: str | Path, *, image_size: int, mean, std, data_limit: int):
+    def __init__(self, root: str | Path, *, image_size: int, mean, std, data_limit: int,
+                 resize_size: int | None = None):
         self.files = ImageFiles(root, data_limit=data_limit)
         self.image_size = image_size
-        self.resize = round(image_size / 0.875)
+        self.resize = resize_size or round(image_size / 0.875)
         self.mean, self.std = mean, std
 
     def __len__(self) -> int:
@@ -314,10 +316,12 @@ def build_eval_folder_loader(
     *, source: str, data_path: str | None, split: str, image_size: int, batch_size: int, num_workers: int,
     data_limit: int, device: torch.device | str, dtype: torch.dtype, synthetic_params: dict[str, Any] | None,
     mean: tuple[float, float, float], std: tuple[float, float, float], rank: int, world_size: int,
+    resize_size: int | None = None,
 ) -> EvalLoader:
     """The evaluation loader of one rank (see EvalLoader)."""
     folder = resolve_image_folder(source=source, data_path=data_path, split=split, synthetic_params=synthetic_params)
-    dataset = CenterCropFolder(folder, image_size=image_size, mean=mean, std=std, data_limit=data_limit)
+    dataset = CenterCropFolder(folder, image_size=image_size, mean=mean, std=std, data_limit=data_limit,
+                               resize_size=resize_size)
     shard = shard_of(len(dataset), rank=rank, world_size=world_size)
     batches = [[(index, 0) for index in shard[start : start + batch_size]]
                for start in range(0, len(shard), batch_size)]

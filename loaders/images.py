@@ -40,6 +40,15 @@ class UnreadableImage(Exception):
     """A file that cannot be decoded into an RGB image."""
 
 
+def class_names(root: str | Path) -> list[str]:
+    """The class names of an image folder (its subfolders, sorted: label i is the i-th); [] for a flat folder.
+    Raises FileNotFoundError when there is no such directory."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
+    return sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+
+
 def list_images(root: str | Path, *, data_limit: int) -> tuple[list[str], list[int], list[str]]:
     """Image paths, labels and class names of an image folder, sorted.
 
@@ -48,9 +57,7 @@ def list_images(root: str | Path, *, data_limit: int) -> tuple[list[str], list[i
     Raises FileNotFoundError (no such directory) or ValueError (no image inside).
     """
     root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
-    classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+    classes = class_names(root)
     if classes:
         entries = [(path, label) for label, name in enumerate(classes) for path in _image_files(root / name)]
     else:

@@ -2,9 +2,11 @@
 from .base import Method, RunInfo
 from .byol import BYOL
 from .deepclusterv2 import DeepClusterV2
+from .linear_eval import LinearEvaluation
 from .npid import NPID
 from .swav import SwAV
 
-METHODS = {"swav_loss": SwAV, "deepclusterv2_loss": DeepClusterV2, "nce_loss_with_memory": NPID, "byol_loss": BYOL}
+METHODS = {"swav_loss": SwAV, "deepclusterv2_loss": DeepClusterV2, "nce_loss_with_memory": NPID, "byol_loss": BYOL,
+           "cross_entropy_multiple_output_single_target": LinearEvaluation}
 
 __all__ = ["METHODS", "Method", "RunInfo"]

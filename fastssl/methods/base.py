@@ -49,7 +49,8 @@ class Method(nn.Module):
 
     The loop calls, in order: ``on_train_start`` once; at each epoch ``on_epoch_start`` then
     ``set_train_mode``; per step ``training_loss`` (under the loop's autocast) -> backward ->
-    ``before_step`` -> optimizer step -> ``after_step``.
+    ``before_step`` -> optimizer step -> ``after_step``. The entry point calls ``on_train_end`` once
+    training has finished.
 
     State: buffers named in ``rank_local_state`` (or starting with one of those names) differ per rank
     (SwAV's queue, DeepClusterV2's memory) and are saved by every rank beside the checkpoint; the rest
@@ -63,6 +64,12 @@ class Method(nn.Module):
 
     def on_train_start(self, *, model: nn.Module, loader, fresh_start: bool) -> None:
         """Before the first step of this process (fresh or resumed)."""
+
+    def on_train_end(self, *, model: nn.Module, test_loader) -> dict | None:
+        """After the last step (not after a stop by a signal), on every rank, with the plain model and this
+        rank's shard of the held-out split (None without TEST_MODEL). Returns final metrics {name: number}
+        (the same on every rank), which the entry point prints and logs, or None."""
+        return None
 
     def on_epoch_start(self, *, epoch: int, model: nn.Module, loader) -> None:
         """At the start of every epoch (DeepClusterV2 clusters here)."""

@@ -2,6 +2,7 @@
 
     PARAMS: [["mlp", {"dims": [2048, 2048], "use_relu": True}], ["mlp", {"dims": [2048, 128]}]]
     PARAMS: [["swav_head", {"dims": [2048, 2048, 128], "use_bn": True, "num_clusters": [3000]}]]
+    PARAMS: [["eval_mlp", {"in_channels": 2048, "dims": [2048, 1000]}]]   # linear evaluation
 
 Each head's keyword defaults are VISSL's and live in HEAD_DEFAULTS, the one place they are written.
 """
@@ -86,9 +87,31 @@ class SwAVHead(nn.Module):
         return (embedding if self.return_embeddings else None), scores
 
 
-HEADS = {"mlp": MLPHead, "swav_head": SwAVHead}
+class EvalMLPHead(nn.Module):
+    """VISSL's "eval_mlp", the linear-evaluation classifier: BatchNorm2d over in_channels (a trunk
+    feature map, pooled or not), flatten, then an "mlp" over dims (dims[0] = in_channels * h * w).
+
+    (N, C, h, w) or (N, C) (taken as (N, C, 1, 1)) -> (N, dims[-1]).
+    """
+
+    def __init__(self, *, in_channels: int, dims: list[int], use_bn: bool, use_relu: bool):
+        super().__init__()
+        if not isinstance(in_channels, int) or isinstance(in_channels, bool):
+            raise ValueError(f"eval_mlp needs in_channels, the channels of its feature map, got {in_channels!r}")
+        self.channel_bn = nn.BatchNorm2d(in_channels)
+        self.clf = MLPHead(dims=dims, use_bn=use_bn, use_relu=use_relu, skip_last_layer_relu_bn=True)
+        self.in_dim, self.out_dim = dims[0], dims[-1]
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if features.dim() == 2:
+            features = features[:, :, None, None]
+        return self.clf(torch.flatten(self.channel_bn(features), start_dim=1))
+
+
+HEADS = {"mlp": MLPHead, "swav_head": SwAVHead, "eval_mlp": EvalMLPHead}
 HEAD_DEFAULTS = {
     "mlp": {"use_bn": False, "use_relu": False, "skip_last_layer_relu_bn": True},
+    "eval_mlp": {"in_channels": None, "use_bn": False, "use_relu": False},
     "swav_head": {"use_bn": True, "num_clusters": [3000], "normalize_feats": True, "return_embeddings": True,
                   "activation_name": "ReLU", "skip_last_bn": True, "use_bias": True},
 }

@@ -65,14 +65,26 @@ class StagedTrunk(nn.Module):
         "res5" with VISSL's 7x7 average pool on 224-pixel inputs equals `global_average_pool` of
         the "res5" map, i.e. the "res5avg" output.
         """
-        if layer_name not in self.layer_names:
-            raise ValueError(f"unknown layer {layer_name!r}; this trunk has {list(self.layer_names)}")
+        return self.forward_layers(x, [layer_name])[0]
+
+    def forward_layers(self, x: torch.Tensor, layer_names: list[str]) -> list[torch.Tensor]:
+        """Outputs of several layers (names as `forward_features` takes them) from one forward, in the
+        order asked (a name may repeat); the forward stops after the deepest one (linear evaluation
+        of several layers, VISSL's LINEAR_EVAL_FEAT_POOL_OPS_MAP)."""
+        unknown = [name for name in layer_names if name not in self.layer_names]
+        if unknown:
+            raise ValueError(f"unknown layer {unknown[0]!r}; this trunk has {list(self.layer_names)}")
+        wanted, outputs = set(layer_names), {}
         for name, modules in self.stages():
+            if wanted <= outputs.keys():
+                break
             for module in modules:
                 x = module(x)
-            if name == layer_name:
-                return x
-        return global_average_pool(x)
+            if name in wanted:
+                outputs[name] = x
+        if self.pooled_layer_name in wanted:
+            outputs[self.pooled_layer_name] = global_average_pool(x)
+        return [outputs[name] for name in layer_names]
 
 
 class ResNetTrunk(StagedTrunk):
