@@ -69,6 +69,11 @@ def _range(value: Any) -> tuple[float, float]:
     return low, high
 
 
+def _jitter_amount(value: Any) -> float | tuple[float, float]:
+    """ColorJitter's brightness, contrast, saturation or hue: a number x or a [min, max] pair (torchvision's)."""
+    return _range(value) if isinstance(value, (list, tuple)) else _number(value)
+
+
 def _size(value: Any) -> int:
     """RandomResizedCrop's size: an int or [int] (square crops only)."""
     return _list_of(_integer, length=1)(value)[0] if isinstance(value, (list, tuple)) else _integer(value)
@@ -90,6 +95,7 @@ RANGES = Kind("a list of [min, max] pairs of numbers", _list_of(_range))
 SIZE = Kind("an integer or [integer]", _size)
 RGB = Kind("a list of 3 numbers (R, G, B)", _list_of(_number, length=3))
 TRANSFORMS = Kind("a list of transforms", _transform_list)
+JITTER = Kind("a number or a [min, max] pair of numbers", _jitter_amount)
 
 
 class Key(NamedTuple):
@@ -110,6 +116,9 @@ TRANSFORM_KEYS: dict[str, dict[str, Key]] = {
         "strength": Key(NUMBER, 1.0), "brightness": Key(NUMBER, 0.8), "contrast": Key(NUMBER, 0.8),
         "saturation": Key(NUMBER, 0.8), "hue": Key(NUMBER, 0.2), "color_jitter_probability": Key(PROBABILITY, 0.8),
         "grayscale_probability": Key(PROBABILITY, 0.2)},
+    "ColorJitter": {  # torchvision's, always applied (ClusterFit's recipe): x or [min, max] per property
+        "brightness": Key(JITTER, 0.0), "contrast": Key(JITTER, 0.0), "saturation": Key(JITTER, 0.0),
+        "hue": Key(JITTER, 0.0)},
     "ImgPilGaussianBlur": {
         "p": Key(PROBABILITIES, 0.5), "radius_min": Key(NUMBER, 0.1), "radius_max": Key(NUMBER, 2.0)},
     "ImgPilRandomSolarize": {"p": Key(PROBABILITIES, 0.66)},
@@ -290,6 +299,11 @@ def _resolve_photometric(name: str, keys: dict[str, Any]) -> dict[str, Any]:
         return {"jitter_p": keys["color_jitter_probability"],
                 **_jitter_ranges(keys["brightness"] * s, keys["contrast"] * s, keys["saturation"] * s, keys["hue"] * s),
                 "gray_p": keys["grayscale_probability"]}
+    if name == "ColorJitter":
+        factors = {key: keys[key] if isinstance(keys[key], tuple) else (max(0.0, 1.0 - keys[key]), 1.0 + keys[key])
+                   for key in ("brightness", "contrast", "saturation")}
+        hue = keys["hue"] if isinstance(keys["hue"], tuple) else (-keys["hue"], keys["hue"])
+        return {"jitter_p": 1.0, **factors, "hue": hue}
     if name == "ImgPilGaussianBlur":
         return {"blur_p": keys["p"], "blur_sigma": _ordered(keys["radius_min"], keys["radius_max"], name)}
     if name == "ImgPilRandomSolarize":
