@@ -19,7 +19,9 @@ tools/cluster_features_and_label.py).
    each), ``_centroids.npy`` (K, dim), and ``_summary.json``, whose line is also printed.
 
 The chunks are read from the file system by rank 0, so on several nodes CHECKPOINT.DIR must be shared (as
-VISSL's extracted features are). An unreadable image is replaced by the next readable one (the loader's
+VISSL's extracted features are). The chunks' folder is named by the dataset, layer, number of samples, number
+of ranks and batch size: a run that changes one of them extracts afresh, and a run over a finished
+extraction clusters its features again (another NUM_CLUSTERS or NUM_ITER costs no second extraction). An unreadable image is replaced by the next readable one (the loader's
 rule), so it takes that image's features and label.
 """
 from __future__ import annotations
@@ -105,8 +107,8 @@ def features_of(trunk: nn.Module, images: torch.Tensor, layer_name: str) -> torc
 @torch.no_grad()
 def extract(job: ClusterFeaturesJob) -> bool:
     """Extract this rank's remaining batches into chunk files; True when the rank's shard is complete."""
-    chunk = len(rank_chunks(job.features_dir, rank=job.rank))
-    done = sum(read_chunk(path)["num_batches"] for path in rank_chunks(job.features_dir, rank=job.rank))
+    saved = rank_chunks(job.features_dir, rank=job.rank)
+    chunk, done = len(saved), sum(read_chunk(path)["num_batches"] for path in saved)
     total = batches_of_rank(job.num_samples, rank=job.rank, world_size=job.world_size, batch_size=job.batch_size)
     if done:
         job.notice(f"rank {job.rank}: resuming the extraction at batch {done} of {total} ({chunk} chunks saved)")
@@ -116,24 +118,27 @@ def extract(job: ClusterFeaturesJob) -> bool:
     bar = progress(job, total=len(loader.shard), initial=min(done * job.batch_size, len(loader.shard)))
     autocast = (contextlib.nullcontext() if job.autocast_dtype is None
                 else torch.autocast(device_type=job.device.type, dtype=job.autocast_dtype))
-    features, indices, this_run, start = [], [], 0, time.perf_counter()
+    features, indices, this_run, images, start = [], [], 0, 0, time.perf_counter()
     for batch in loader:
         with autocast:
-            features.append(features_of(job.trunk, batch.crops[0], job.layer_name).cpu())
-        indices.append(batch.indices.cpu())
-        this_run += 1
+            features.append(features_of(job.trunk, batch.crops[0], job.layer_name))  # on the device until saved
+        indices.append(batch.indices)
+        this_run, images = this_run + 1, images + batch.batch_size
         bar.update(batch.batch_size)
         stopping = this_run == job.max_batches or job.signal_received()
         if len(features) == job.chunk_batches or stopping or done + this_run == total:
             save_chunk(job, chunk=chunk, first_batch=done + this_run - len(features), features=features,
                        indices=indices)
             chunk, features, indices = chunk + 1, [], []
+            if not job.progress_bar:  # a log file: one line per chunk
+                job.notice(f"rank {job.rank}: batch {done + this_run} of {total}, "
+                           f"{images / (time.perf_counter() - start):.1f} images/s")
         if stopping:
             break
     bar.close()
     seconds = time.perf_counter() - start
-    job.notice(f"rank {job.rank}: extracted {this_run} batches in {seconds:.1f} s "
-               f"({this_run * job.batch_size / max(seconds, 1e-9):.1f} images/s); {done + this_run} of {total} done")
+    job.notice(f"rank {job.rank}: extracted {images} images in {seconds:.1f} s ({images / max(seconds, 1e-9):.1f} "
+               f"images/s); batch {done + this_run} of {total} done")
     return done + this_run == total
 
 
@@ -143,7 +148,8 @@ def read_chunk(path: Path) -> dict:
 
 
 def save_chunk(job: ClusterFeaturesJob, *, chunk: int, first_batch: int, features: list, indices: list) -> None:
-    state = {"features": torch.cat(features), "indices": torch.cat(indices), "first_batch": first_batch,
+    # sync: once per chunk, the features come to the host
+    state = {"features": torch.cat(features).cpu(), "indices": torch.cat(indices).cpu(), "first_batch": first_batch,
              "num_batches": len(features), "layer_name": job.layer_name}
     write_atomically(chunk_path(job.features_dir, rank=job.rank, chunk=chunk), lambda f: torch.save(state, f))
 

@@ -11,7 +11,7 @@ import torch
 
 from fastssl.builder import build_cluster_features
 from fastssl.checkpoint import latest_checkpoint, load_checkpoint
-from fastssl.clusterfit import kmeans_labels, l2_normalize, rank_chunks, read_chunk
+from fastssl.clusterfit import cluster_features, kmeans_labels, l2_normalize, rank_chunks, read_chunk
 from fastssl.config import compose_config
 from fastssl.dist import DistInfo
 from fastssl.evaluate import main as eval_main
@@ -111,14 +111,23 @@ def test_step1_writes_one_label_per_sample_in_dataset_order(step1_straight):
 def test_step1_trunk_is_the_weights_file_frozen_in_eval_mode(rotnet_weights):
     cfg = compose_config(FEATURES + ["config=pretrain/clusterfit/cluster_features_1node_cpu_resnet18",
                                      f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={rotnet_weights}"])
-    job = build_cluster_features(cfg, info=DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1),
-                                 device=torch.device("cpu"), signal_received=lambda: False)
+    job = build_cluster_features(cfg, info=DistInfo(), device=torch.device("cpu"), signal_received=lambda: False)
     trained = load_checkpoint(rotnet_weights)["model"]
     assert not job.trunk.training and not any(p.requires_grad for p in job.trunk.parameters())
     for name, value in job.trunk.state_dict().items():
         if name.endswith("num_batches_tracked"):  # SKIP_LAYERS
             continue
         assert torch.equal(value, trained[f"trunk.{name}"]), name
+
+
+def test_a_signal_saves_the_batches_done_and_stops(tmp_path, rotnet_weights):
+    """SIGTERM / SIGUSR1 (the entry point's flag): the rank saves what it has extracted and stops, no labels."""
+    cfg = compose_config(FEATURES + ["config=pretrain/clusterfit/cluster_features_1node_cpu_resnet18",
+                                     f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={rotnet_weights}", TINY_CROPS,
+                                     f"config.CHECKPOINT.DIR={tmp_path}"])
+    job = build_cluster_features(cfg, info=DistInfo(), device=torch.device("cpu"), signal_received=lambda: True)
+    assert cluster_features(job) is None and not list(tmp_path.glob("*_labels.npy"))
+    assert [read_chunk(path)["num_batches"] for path in rank_chunks(job.features_dir, rank=0)] == [1]
 
 
 def test_a_stopped_extraction_resumes_to_the_same_labels(tmp_path, rotnet_weights, step1_straight):
