@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from fastssl.builder import derive
 from fastssl.config import compose_config
 from fastssl.methods.base import RunInfo
 from fastssl.methods.clusterfit import ClusterFit, read_labels
@@ -67,3 +68,15 @@ def test_seed_command_line_builds_at_full_size(tmp_path):
     assert isinstance(method, ClusterFit) and method.labels.shape == (IMAGENET_SAMPLES,)
     assert model.heads[0][-1].out_features == 16000 and cfg.OPTIMIZER.num_epochs == 105
     assert cfg.OPTIMIZER.param_schedulers.lr.name == "composite"
+
+
+@pytest.mark.parametrize("nodes,first_epochs", [(1, [0.1] * 6), (4, [0.1, 0.16, 0.22, 0.28, 0.34, 0.4])])
+def test_seed_lr_follows_vissls_scaling_of_the_composite(nodes, first_epochs):
+    """VISSL's file: linear 0.25 -> 0.1 for 5 of 105 epochs, then steps of 10x at 30, 60, 90, 100, auto-scaled per
+    256 images. VISSL's rule starts each linear part from one node's LR: flat 0.1 on one node (8 x 32 = 256
+    images), a warm-up 0.1 -> 0.4 on 4 nodes."""
+    cfg = compose_config(["config=pretrain/clusterfit/clusterfit_resnet_8gpu_imagenet",
+                          f"config.DISTRIBUTED.NUM_NODES={nodes}"])
+    lr = derive(cfg, world_size=8 * nodes, num_samples=IMAGENET_SAMPLES, iterations_per_epoch=10).lr_schedule
+    assert lr[0:60:10] == pytest.approx(first_epochs)
+    assert lr[[300, 600, 900, 1000]] == pytest.approx(np.array([0.01, 0.001, 0.0001, 0.00001]) * nodes)

@@ -112,3 +112,17 @@ def test_label_less_folder_trains(tmp_path):
     records = read_metrics(tmp_path / "run")
     assert [r["step"] for r in records] == [0, 1]
     assert all(0 < r["loss"] < 10 for r in records)
+
+
+def test_random_rotations_resume_exactly(tmp_path):
+    """all_rotations False draws a rotation per image from the run's RNG, which the checkpoint restores."""
+    command = TINY + ["config=pretrain/rotnet/rotnet_1node_cpu_resnet18", "config.LOSS.rotnet_loss.all_rotations=False",
+                      "config.DATA.TRAIN.TRANSFORMS=[{name: RandomResizedCrop, size: 16}, {name: ToTensor}]"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(command + [f"config.CHECKPOINT.DIR={straight}"]) == 0
+    records = read_metrics(straight)
+    resumed.mkdir()
+    first = sorted(straight.glob("checkpoint_step*.torch"))[0]
+    (resumed / first.name).write_bytes(first.read_bytes())
+    assert main(command + [f"config.CHECKPOINT.DIR={resumed}"]) == 0
+    assert [r["loss"] for r in read_metrics(resumed)] == [r["loss"] for r in records[len(records) // 2:]]
