@@ -21,8 +21,9 @@ tools/cluster_features_and_label.py).
 The chunks are read from the file system by rank 0, so on several nodes CHECKPOINT.DIR must be shared (as
 VISSL's extracted features are). The chunks' folder is named by the dataset, layer, number of samples, number
 of ranks and batch size: a run that changes one of them extracts afresh, and a run over a finished
-extraction clusters its features again (another NUM_CLUSTERS or NUM_ITER costs no second extraction). An unreadable image is replaced by the next readable one (the loader's
-rule), so it takes that image's features and label.
+extraction clusters its features again (another NUM_CLUSTERS or NUM_ITER costs no second extraction).
+An unreadable image is replaced by the next readable one (the loader's rule), so it takes that image's
+features and label.
 """
 from __future__ import annotations
 

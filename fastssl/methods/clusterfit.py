@@ -58,7 +58,7 @@ class ClusterFit(Method):
             raise ValueError("clusterfit_loss needs one labels file: config.DATA.TRAIN.LABEL_PATHS=[<labels.npy>] "
                              f"(ClusterFit step 1's output), got {list(run.label_paths)}")
         if not run.head_params or run.head_params[-1][0] != "mlp":
-            raise ValueError("clusterfit_loss needs an mlp head last in MODEL.HEAD.PARAMS (its outputs are the clusters)")
+            raise ValueError("clusterfit_loss needs an mlp head last in MODEL.HEAD.PARAMS (one output per cluster)")
         labels = read_labels(run.label_paths[0], num_samples=run.num_train_samples,
                              num_classes=run.head_params[-1][1]["dims"][-1], ignore_index=params["ignore_index"])
         return cls(labels=labels, ignore_index=params["ignore_index"], label_path=str(run.label_paths[0]))

@@ -56,7 +56,8 @@ class RotNet(Method):
     @classmethod
     def from_config(cls, params: dict, run: RunInfo) -> "RotNet":
         """LOSS.rotnet_loss; the last head (MODEL.HEAD.PARAMS[-1]) must output the four rotation scores."""
-        if not run.head_params or run.head_params[-1][0] != "mlp" or run.head_params[-1][1]["dims"][-1] != NUM_ROTATIONS:
+        last = run.head_params[-1] if run.head_params else None
+        if last is None or last[0] != "mlp" or last[1]["dims"][-1] != NUM_ROTATIONS:
             raise ValueError(f"rotnet_loss needs an mlp head with {NUM_ROTATIONS} outputs last in MODEL.HEAD.PARAMS "
                              f"(VISSL's [[\"mlp\", {{\"dims\": [2048, 4]}}]]), got {run.head_params}")
         if run.num_crops != 1:

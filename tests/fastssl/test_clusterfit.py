@@ -207,7 +207,8 @@ def test_the_pages_command_lines_run_cpu_sized(tmp_path):
                  f"config.CHECKPOINT.DIR={features}"]) == 0
     labels = features / "imagenet1k_train_res5_N3_D512_labels.npy"
     assert np.load(labels).shape == (16,)
-    assert main(["config=pretrain/clusterfit/clusterfit_resnet_8gpu_imagenet", f"config.DATA.TRAIN.LABEL_PATHS=[{labels}]",
+    assert main(["config=pretrain/clusterfit/clusterfit_resnet_8gpu_imagenet",
+                 f"config.DATA.TRAIN.LABEL_PATHS=[{labels}]",
                  *CPU_SIZED, "config.DATA.TRAIN.TRANSFORMS=[{name: RandomResizedCrop, size: 32}, "
                  "{name: ColorJitter, brightness: [0.6, 1.4], contrast: [0.6, 1.4], saturation: [0.6, 1.4], "
                  "hue: [-0.2, 0.2]}, {name: RandomHorizontalFlip}, {name: ToTensor}]",
@@ -222,7 +223,8 @@ def test_cpu_configs_pipeline_at_full_cpu_size(tmp_path, capsys):
     """rotnet_1node_cpu_resnet18 -> cluster_features_1node_cpu_resnet18 (K = 10) -> clusterfit_1node_cpu_resnet18
     -> kNN, on the 2,000 synthetic images: the ClusterFit trunk beats chance."""
     quiet = ["config.HOOKS.TENSORBOARD_SETUP.USE_TENSORBOARD=False"]
-    assert main(["config=pretrain/rotnet/rotnet_1node_cpu_resnet18", *quiet, f"config.CHECKPOINT.DIR={tmp_path / 'r'}"]) == 0
+    assert main(["config=pretrain/rotnet/rotnet_1node_cpu_resnet18", *quiet,
+                 f"config.CHECKPOINT.DIR={tmp_path / 'r'}"]) == 0
     assert main(["config=pretrain/clusterfit/cluster_features_1node_cpu_resnet18", *quiet,
                  f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={latest_checkpoint(tmp_path / 'r')}",
                  f"config.CHECKPOINT.DIR={tmp_path / 'f'}"]) == 0

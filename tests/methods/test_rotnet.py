@@ -103,7 +103,8 @@ def test_label_less_folder_trains(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(8):
         Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
-    command = TINY + ["config=pretrain/rotnet/rotnet_1node_cpu_resnet18", "config.DATA.TRAIN.DATA_SOURCES=[disk_folder]",
+    command = TINY + ["config=pretrain/rotnet/rotnet_1node_cpu_resnet18",
+                      "config.DATA.TRAIN.DATA_SOURCES=[disk_folder]",
                       f"config.DATA.TRAIN.DATA_PATHS=[{folder}]", "config.DATA.TRAIN.DATA_LIMIT=8",
                       "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=4", "config.OPTIMIZER.num_epochs=1",
                       "config.DATA.TRAIN.TRANSFORMS=[{name: RandomResizedCrop, size: 16}, {name: ToTensor}]",
