@@ -27,6 +27,7 @@ from loaders.sources import resolve_image_folder
 
 from . import dist, launch
 from .checkpoint import TrainingCheckpoint, latest_checkpoint
+from .clusterfit import ClusterFeaturesJob
 from .config import ROOT_DEFAULTS, ConfigError
 from .engine import LoopSettings
 from .metrics import RunLogger
@@ -162,11 +163,13 @@ def build_train_data(cfg: DictConfig, *, rank: int, world_size: int, device: tor
 
 
 def build_eval_data(cfg: DictConfig, *, split: str, data_path: str | None, image_size: int, batch_size: int,
-                    num_workers: int, device: torch.device):
+                    num_workers: int, device: torch.device, rank: int = 0, world_size: int = 1,
+                    data_limit: int = -1, start_batch: int = 0):
     """One centre crop per image of ``split`` (train / val), in dataset order, normalised as in training.
 
     data_path: an image folder of that split; None: the training source's (for train), the built-in
-    dataset's held-out split (for val). image_size 0: the recipe's first crop size.
+    dataset's held-out split (for val). image_size 0: the recipe's first crop size. rank, world_size,
+    start_batch: this rank's shard from that batch on (see loaders.build.build_eval_loader).
     """
     source, train_path = data_source(cfg)
     run_recipe = recipe(cfg)
@@ -176,8 +179,9 @@ def build_eval_data(cfg: DictConfig, *, split: str, data_path: str | None, image
         source = "disk_folder"
     return build_eval_loader(source=source, data_path=data_path, split=split,
                              image_size=image_size or run_recipe.size_crops[0], batch_size=batch_size,
-                             num_workers=num_workers, data_limit=-1, device=device, dtype=torch.float32,
-                             synthetic_params=synthetic_params(cfg), mean=run_recipe.mean, std=run_recipe.std)
+                             num_workers=num_workers, data_limit=data_limit, device=device, dtype=torch.float32,
+                             synthetic_params=synthetic_params(cfg), mean=run_recipe.mean, std=run_recipe.std,
+                             rank=rank, world_size=world_size, start_batch=start_batch)
 
 
 TEST_TRANSFORM_KEYS = {"Resize": {"size"}, "CenterCrop": {"size"}, "ToTensor": set(), "Normalize": {"mean", "std"}}
@@ -409,7 +413,8 @@ def run_info(cfg: DictConfig, derived: Derived, *, rank: int, device: torch.devi
                    global_batch_size=derived.global_batch_size, num_crops=derived.num_crops,
                    num_train_samples=derived.num_train_samples, iterations_per_epoch=derived.iterations_per_epoch,
                    total_iterations=derived.total_iterations, device=device, head_params=head_params,
-                   drop_last=cfg.DATA.TRAIN.DROP_LAST, autocast_dtype=autocast_dtype, process_group=process_group)
+                   drop_last=cfg.DATA.TRAIN.DROP_LAST, autocast_dtype=autocast_dtype, process_group=process_group,
+                   label_paths=tuple(cfg.DATA.TRAIN.LABEL_PATHS))
 
 
 def _inferred_loss_keys(run: RunInfo, *, queue_length: int, checkpoint_dir: str) -> dict[str, dict[str, object]]:
@@ -570,3 +575,57 @@ def build_run(cfg: DictConfig, *, info: dist.DistInfo, device: torch.device, sto
     return Run(device=device, loader=loader, derived=derived, model=model, trained_model=trained_model, method=method,
                optimizer=optimizer, scaler=scaler, checkpoint=checkpoint, settings=settings,
                auto_resume=cfg.CHECKPOINT.AUTO_RESUME, logger_options=logger_options, test_loader=test_loader)
+
+
+# ---------------- ClusterFit step 1 (ENGINE_NAME cluster_features) -----------------------------------
+
+ENGINES = ("train", "cluster_features")
+
+
+def engine_name(cfg: DictConfig) -> str:
+    """What the entry point runs: train (the loop) or cluster_features (fastssl/clusterfit.py)."""
+    if cfg.ENGINE_NAME not in ENGINES:
+        raise ConfigError(f"config.ENGINE_NAME must be one of {list(ENGINES)}, got {cfg.ENGINE_NAME!r}")
+    return cfg.ENGINE_NAME
+
+
+def build_cluster_features(cfg: DictConfig, *, info: dist.DistInfo, device: torch.device,
+                           signal_received) -> ClusterFeaturesJob:
+    """ClusterFit step 1 of this rank: the trunk of MODEL.WEIGHTS_INIT frozen in eval mode, this rank's
+    loader over the training images (DATA.TRAIN, DATA_LIMIT included), CLUSTERFIT's settings."""
+    clusterfit, features = cfg.CLUSTERFIT, cfg.CLUSTERFIT.FEATURES
+    if clusterfit.CLUSTER_BACKEND != "faiss":
+        raise ConfigError(f"config.CLUSTERFIT.CLUSTER_BACKEND must be faiss, got {clusterfit.CLUSTER_BACKEND!r}")
+    if features.DATA_PARTITION != "TRAIN":
+        raise ConfigError(f"config.CLUSTERFIT.FEATURES.DATA_PARTITION must be TRAIN, got {features.DATA_PARTITION!r}")
+    if not cfg.MODEL.WEIGHTS_INIT.PARAMS_FILE:
+        raise ConfigError("ClusterFit step 1 clusters a trained trunk's features: set "
+                          "config.MODEL.WEIGHTS_INIT.PARAMS_FILE=<weights>")
+    model = build_run_model(cfg, head_params=[])
+    notice(load_initial_weights(model, **weights_init_options(cfg)).summary())
+    trunk = model.trunk.to(device).eval().requires_grad_(False)
+    if features.LAYER_NAME not in trunk.layer_names:
+        raise ConfigError(f"config.CLUSTERFIT.FEATURES.LAYER_NAME {features.LAYER_NAME!r} is not one of "
+                          f"{list(trunk.layer_names)}")
+    seed_everything(cfg.SEED_VALUE + info.rank)
+
+    def make_loader(start_batch: int):
+        return build_eval_data(cfg, split="train", data_path=None, image_size=0,
+                               batch_size=features.BATCHSIZE_PER_REPLICA, num_workers=cfg.DATA.NUM_DATALOADER_WORKERS,
+                               device=device, rank=info.rank, world_size=info.world_size,
+                               data_limit=cfg.DATA.TRAIN.DATA_LIMIT, start_batch=start_batch)
+
+    num_samples = make_loader(0).num_samples
+    checkpoint_dir = Path(cfg.CHECKPOINT.DIR).resolve()
+    dataset_name = features.DATASET_NAME or data_source(cfg)[0]
+    return ClusterFeaturesJob(
+        trunk=trunk, device=device, layer_name=features.LAYER_NAME, make_loader=make_loader, num_samples=num_samples,
+        batch_size=features.BATCHSIZE_PER_REPLICA, rank=info.rank, world_size=info.world_size,
+        features_dir=checkpoint_dir / (f"features_{dataset_name}_train_{features.LAYER_NAME}_{num_samples}samples_"
+                                       f"{info.world_size}ranks_batch{features.BATCHSIZE_PER_REPLICA}"),
+        output_dir=Path(clusterfit.OUTPUT_DIR).resolve() if clusterfit.OUTPUT_DIR else checkpoint_dir,
+        output_prefix=f"{dataset_name}_train_{features.LAYER_NAME}", num_clusters=clusterfit.NUM_CLUSTERS,
+        num_iter=clusterfit.N_ITER if clusterfit.N_ITER >= 0 else clusterfit.NUM_ITER, seed=cfg.SEED_VALUE,
+        chunk_batches=features.CHUNK_BATCHES, max_batches=features.MAX_BATCHES,
+        autocast_dtype=select_amp(cfg, device)[0],
+        progress_bar=cfg.HOOKS.PROGRESS_BAR and sys.stdout.isatty(), signal_received=signal_received, notice=notice)

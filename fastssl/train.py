@@ -12,18 +12,24 @@ import sys
 import traceback
 
 from . import dist, launch
-from .builder import build_run, notice, plan_processes, select_device, start_process_group
+from .builder import (build_cluster_features, build_run, engine_name, notice, plan_processes, select_device,
+                      start_process_group)
 from .checkpoint import TrainState
+from .clusterfit import cluster_features
 from .config import ConfigError, compose_config
 from .engine import NonFiniteLossError, train
 
 
-def run(cfg) -> TrainState:
-    """Train in this process: the only one, or one worker of a distributed run (see launch.py)."""
+def run(cfg):
+    """Train (or, for ENGINE_NAME cluster_features, run ClusterFit step 1) in this process: the only one,
+    or one worker of a distributed run (see launch.py)."""
     info = dist.from_environment()
     device = select_device(cfg, info)
     stop = start_process_group(cfg, info, device)
     try:
+        if engine_name(cfg) == "cluster_features":
+            return cluster_features(build_cluster_features(cfg, info=info, device=device,
+                                                           signal_received=lambda: stop.received is not None))
         return train_run(cfg, info=info, device=device, stop=stop)
     finally:
         stop.close()

@@ -280,6 +280,11 @@ class EvalLoader(FolderLoader):
         super().__init__(**loader_args)
         self.shard = shard
 
+    @property
+    def paths(self) -> list[str]:
+        """The image path of every dataset index (all ranks'), in dataset order."""
+        return self.loader.dataset.files.paths
+
 
 def collate_crops(samples: list[tuple]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, list[str]]:
     """Stack each crop position: [(crops, index, label, failed paths)] -> ([(B, 3, s, s)] per
@@ -316,7 +321,7 @@ def build_eval_folder_loader(
     *, source: str, data_path: str | None, split: str, image_size: int, batch_size: int, num_workers: int,
     data_limit: int, device: torch.device | str, dtype: torch.dtype, synthetic_params: dict[str, Any] | None,
     mean: tuple[float, float, float], std: tuple[float, float, float], rank: int, world_size: int,
-    resize_size: int | None = None,
+    resize_size: int | None, start_batch: int,
 ) -> EvalLoader:
     """The evaluation loader of one rank (see EvalLoader)."""
     folder = resolve_image_folder(source=source, data_path=data_path, split=split, synthetic_params=synthetic_params)
@@ -324,6 +329,6 @@ def build_eval_folder_loader(
                                resize_size=resize_size)
     shard = shard_of(len(dataset), rank=rank, world_size=world_size)
     batches = [[(index, 0) for index in shard[start : start + batch_size]]
-               for start in range(0, len(shard), batch_size)]
+               for start in range(0, len(shard), batch_size)][start_batch:]
     return EvalLoader(shard=shard, dataset=dataset, batch_sampler=batches, num_workers=num_workers,
                       device=torch.device(device), dtype=dtype, channels_last=True)

@@ -76,6 +76,11 @@ def _range(value: Any) -> tuple[float, float]:
     return low, high
 
 
+def _jitter_amount(value: Any) -> float | tuple[float, float]:
+    """ColorJitter's brightness, contrast, saturation or hue: a number x or a [min, max] pair (torchvision's)."""
+    return _range(value) if isinstance(value, (list, tuple)) else _number(value)
+
+
 def _size(value: Any) -> int:
     """RandomResizedCrop's size: an int or [int] (square crops only)."""
     return _list_of(_integer, length=1)(value)[0] if isinstance(value, (list, tuple)) else _integer(value)
@@ -109,6 +114,7 @@ SIZE = Kind("an integer or [integer]", _size)
 INTERPOLATION = Kind("PIL's resampling code 2 (bilinear) or 3 (bicubic)", _interpolation)
 RGB = Kind("a list of 3 numbers (R, G, B)", _list_of(_number, length=3))
 TRANSFORMS = Kind("a list of transforms", _transform_list)
+JITTER = Kind("a number or a [min, max] pair of numbers", _jitter_amount)
 
 
 class Key(NamedTuple):
@@ -128,9 +134,10 @@ TRANSFORM_KEYS: dict[str, dict[str, Key]] = {
     "Resize": {"size": Key(SIZE), "interpolation": Key(INTERPOLATION, "bilinear")},  # the short side to size
     "ImgReplicatePil": {"num_times": Key(INTEGER, 2)},  # that many copies of the one crop (SimCLR, BYOL)
     "RandomHorizontalFlip": {"p": Key(PROBABILITY, 0.5)},
-    # torchvision's ColorJitter: always applied, factors in [max(0, 1 - x), 1 + x], hue in [-hue, hue].
-    "ColorJitter": {"brightness": Key(NUMBER, 0.0), "contrast": Key(NUMBER, 0.0), "saturation": Key(NUMBER, 0.0),
-                    "hue": Key(NUMBER, 0.0)},
+    # torchvision's ColorJitter: always applied; x gives factors in [max(0, 1 - x), 1 + x] (hue: [-x, x]), or a
+    # [min, max] pair directly (ClusterFit's recipe).
+    "ColorJitter": {"brightness": Key(JITTER, 0.0), "contrast": Key(JITTER, 0.0), "saturation": Key(JITTER, 0.0),
+                    "hue": Key(JITTER, 0.0)},
     "RandomGrayscale": {"p": Key(PROBABILITY, 0.1)},
     "ImgPilColorDistortion": {  # ColorJitter(b s, c s, sat s, h s) with p color_jitter_probability, then gray
         "strength": Key(NUMBER, 1.0), "brightness": Key(NUMBER, 0.8), "contrast": Key(NUMBER, 0.8),
@@ -334,9 +341,11 @@ def _resolve_photometric(name: str, keys: dict[str, Any]) -> dict[str, Any]:
     if name == "RandomHorizontalFlip":
         return {"flip_p": keys["p"]}
     if name == "ColorJitter":
-        if min(keys.values()) < 0 or keys["hue"] > 0.5:
+        numbers = {key: value for key, value in keys.items() if not isinstance(value, tuple)}
+        if any(value < 0 for value in numbers.values()) or numbers.get("hue", 0.0) > 0.5:
             raise ValueError(f"transforms: ColorJitter needs values >= 0 and hue <= 0.5, got {keys}")
-        return {"jitter_p": 1.0, **_jitter_ranges(keys["brightness"], keys["contrast"], keys["saturation"], keys["hue"])}
+        ranges = _jitter_ranges(*(numbers.get(key, 0.0) for key in ("brightness", "contrast", "saturation", "hue")))
+        return {"jitter_p": 1.0, **ranges, **{key: value for key, value in keys.items() if isinstance(value, tuple)}}
     if name == "RandomGrayscale":
         return {"gray_p": keys["p"]}
     if name == "ImgPilColorDistortion":

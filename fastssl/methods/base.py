@@ -27,6 +27,7 @@ class RunInfo:
     drop_last: bool
     autocast_dtype: torch.dtype | None = None  # the loop's autocast, for passes a method runs outside the step
     process_group: object | None = None
+    label_paths: tuple[str, ...] = ()          # DATA.TRAIN.LABEL_PATHS: per-sample label files (ClusterFit)
 
     def autocast(self):
         """The loop's autocast context, for a forward pass a method runs itself (DeepClusterV2's memory fill)."""

@@ -226,3 +226,19 @@ def test_bad_torchvision_transforms_are_one_line_errors(transforms, words):
     with pytest.raises(ValueError) as error:
         recipe_from_transforms(transforms)
     assert words in str(error.value) and "\n" not in str(error.value)
+
+
+def test_color_jitter_takes_torchvisions_numbers_and_ranges_and_always_applies():
+    """ClusterFit's recipe: torchvision's ColorJitter, x -> [max(0, 1 - x), 1 + x] (hue [-x, x]) or [min, max]."""
+    ranges = recipe_from_transforms([dict(name="RandomResizedCrop", size=32), dict(
+        name="ColorJitter", brightness=[0.6, 1.4], contrast=[0.6, 1.4], saturation=[0.6, 1.4], hue=[-0.2, 0.2])])
+    crop = ranges.augmentations[0]
+    assert crop.jitter_p == 1.0 and crop.gray_p == 0.0
+    assert crop.brightness == crop.contrast == crop.saturation == (0.6, 1.4) and crop.hue == (-0.2, 0.2)
+    numbers = recipe_from_transforms([dict(name="RandomResizedCrop", size=32),
+                                      dict(name="ColorJitter", brightness=0.4, saturation=1.5, hue=0.1)])
+    crop = numbers.augmentations[0]
+    assert crop.brightness == (0.6, 1.4) and crop.contrast == (1.0, 1.0) and crop.saturation == (0.0, 2.5)
+    assert crop.hue == (-0.1, 0.1)
+    with pytest.raises(ValueError, match="ColorJitter brightness must be a number or a"):
+        recipe_from_transforms([dict(name="RandomResizedCrop", size=32), dict(name="ColorJitter", brightness=[2, 1])])
