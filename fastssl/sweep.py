@@ -41,6 +41,9 @@ PRIMARY = "fastssl_sweep"          # Hydra's primary config, stored in its Confi
 SUMMARY_FILE = "sweep.jsonl"
 JOB_FILE = "sweep_job.json"
 MAX_CHECKED = 64                   # combinations composed and validated before anything is launched
+# fastssl stops on SIGUSR1 (dist.StopOnSignal); submitit's default, USR2, would kill a job without its
+# checkpoint. Set before submitit is imported (it reads the variable once) and inherited by its jobs.
+os.environ.setdefault("SUBMITIT_PREEMPT_SIGNAL", "USR1")
 
 
 def split_sweeps(words: list[str]) -> tuple[list[str], list[str]]:
@@ -117,8 +120,6 @@ def launcher_defaults(hydra_words: list[str], resources: dict) -> list[str]:
 
 def multirun(command: Command) -> int:
     """Run the sweep; return the number of failed jobs (0: all trained), at most 125."""
-    # fastssl stops on SIGUSR1 (dist.StopOnSignal); submitit's default would be USR2, which fastssl ignores.
-    os.environ.setdefault("SUBMITIT_PREEMPT_SIGNAL", "USR1")
     fixed, swept = split_sweeps(join_words(command.overrides))
     resources = launch_resources(check_combinations(fixed, swept))
     given_dir = next((w.split("=", 1)[1] for w in command.hydra_overrides if w.startswith("hydra.sweep.dir=")), None)

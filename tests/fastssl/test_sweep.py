@@ -127,3 +127,42 @@ def test_submitit_local_sweep_runs_two_jobs_through_submitit(tmp_path, capsys):
     assert len(submitted) == 2  # one submitit job folder (its pickles and logs) per job
     assert all(any(p.glob("*_result.pkl")) for p in submitted)
     assert "2 job(s), 0 failed" in capsys.readouterr().out
+
+
+def test_submitit_slurm_script_asks_for_distributed_nodes_tasks_gpus_and_usr1(tmp_path, monkeypatch):
+    """The sbatch script submitit writes for a job: resources from DISTRIBUTED and the launcher keys, and
+    SIGUSR1 before the time limit (fastssl's checkpoint-and-stop signal). A stand-in srun lets submitit's
+    SLURM executor start here; nothing is submitted."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+    import submitit
+
+    from fastssl.builder import launch_resources
+    from fastssl.config import compose_config
+    from fastssl.sweep import PRIMARY, launcher_defaults
+
+    words = ["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu", "hydra.launcher.account=proj",
+             "hydra.launcher.timeout_min=2880"]
+    overrides = launcher_defaults(words, launch_resources(compose_config(["config=pretrain/swav/swav_8node_resnet"])))
+    assert sorted(overrides) == ["hydra.launcher.gpus_per_node=8", "hydra.launcher.max_num_timeout=10",
+                                 "hydra.launcher.nodes=8", "hydra.launcher.tasks_per_node=8"]
+    ConfigStore.instance().store(name=PRIMARY, node={"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    GlobalHydra.instance().clear()
+    with initialize(version_base="1.3", config_path=None, job_name="fastssl"):
+        params = instantiate(compose(PRIMARY, overrides=[*overrides, *words], return_hydra_config=True)
+                             .hydra.launcher).params
+    (tmp_path / "srun").write_text("#!/bin/sh\n")
+    (tmp_path / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{__import__('os').environ['PATH']}")
+    executor = submitit.AutoExecutor(cluster="slurm", folder=tmp_path / "%j")
+    shared = {"timeout_min", "gpus_per_node", "tasks_per_node", "nodes", "name"}
+    executor.update_parameters(**{k if k in shared else f"slurm_{k}": v for k, v in params.items()
+                                  if k not in ("submitit_folder", "max_num_timeout", "stderr_to_stdout",
+                                               "cpus_per_task", "mem_gb") and v is not None})
+    script = executor._executor._make_submission_file_text("python -m fastssl", "uid")
+    for line in ("--nodes=8", "--ntasks-per-node=8", "--gpus-per-node=8", "--partition=gpu", "--account=proj",
+                 "--time=2880", "--signal=USR1@120"):
+        assert f"#SBATCH {line}" in script
