@@ -1,5 +1,9 @@
 """fastssl-train --help, --cfg job and -m sweeps (Hydra's basic launcher and real submitit_local), CPU-tiny."""
 import json
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -166,3 +170,62 @@ def test_submitit_slurm_script_asks_for_distributed_nodes_tasks_gpus_and_usr1(tm
     for line in ("--nodes=8", "--ntasks-per-node=8", "--gpus-per-node=8", "--partition=gpu", "--account=proj",
                  "--time=2880", "--signal=USR1@120"):
         assert f"#SBATCH {line}" in script
+
+
+def test_a_job_stopped_short_of_its_last_step_hands_sigusr1_on_to_submitit(tmp_path):
+    """fastssl's stop on a signal returns normally; under submitit the job then re-raises SIGUSR1 for
+    submitit's handler (requeue) unless the last step's checkpoint is there."""
+    from fastssl.sweep import requeue_if_stopped
+
+    received = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: received.append(signum))
+    try:
+        argv = [*tiny(tmp_path), "config.DATA.TRAIN.DATA_LIMIT=16"]  # 16 images / 8 = 2 steps in all
+        (tmp_path / "checkpoint_step00000001.torch").write_bytes(b"")
+        requeue_if_stopped(argv, str(tmp_path))
+        assert received == [signal.SIGUSR1]
+        (tmp_path / "checkpoint_step00000002.torch").write_bytes(b"")
+        requeue_if_stopped(argv, str(tmp_path))
+        assert received == [signal.SIGUSR1]  # finished: nothing to requeue
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def _submitit_job_pid(sweep_dir: Path) -> int | None:
+    """The pid of this test's own submitit job process (its command line names the sweep directory)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            continue
+        if proc.name.isdigit() and "submitit.core._submit" in cmdline and str(sweep_dir) in cmdline:
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.slow
+def test_submitit_local_job_preempted_by_sigusr1_checkpoints_requeues_and_resumes(tmp_path, capsys):
+    """SIGUSR1 to a running submitit job (SLURM's signal before a time limit): fastssl checkpoints at the
+    next step, submitit requeues the job, the requeued job resumes from that checkpoint and finishes."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep_dir = tmp_path / "sweep"
+    argv = [*tiny(tmp_path), "config.DATA.TRAIN.DATA_LIMIT=40", "config.OPTIMIZER.num_epochs=8",
+            f"hydra.sweep.dir={sweep_dir}", "hydra/launcher=submitit_local"]  # 5 steps an epoch, 40 in all
+
+    def preempt():
+        metrics = sweep_dir / "metrics.jsonl"
+        for _ in range(600):
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+                os.kill(_submitit_job_pid(sweep_dir), signal.SIGUSR1)
+                return
+            time.sleep(0.5)
+
+    thread = threading.Thread(target=preempt, daemon=True)
+    thread.start()
+    assert main(argv) == 0
+    thread.join()
+    steps = [json.loads(line)["step"] for line in (sweep_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(40))  # every step once: stopped, requeued, resumed where it stopped
+    logs = "".join(p.read_text() for p in (sweep_dir / ".submitit").glob("*/*_log.*"))
+    assert "Requeued job" in logs and "resuming from" in logs
+    assert read_summary(sweep_dir)[0]["status"] == 0
