@@ -271,7 +271,8 @@ def describe_job(cfg: DictConfig) -> str:
     if derived is None:
         return "\n".join(lines)
     lr = derived.lr_schedule
-    lines += [f"# global batch: {derived.global_batch_size} ({derived.batch_size_per_replica} per replica x {world_size})",
+    per_replica = derived.batch_size_per_replica
+    lines += [f"# global batch: {derived.global_batch_size} ({per_replica} per replica x {world_size})",
               f"# iterations: {derived.iterations_per_epoch} per epoch, {derived.total_iterations} in all",
               f"# lr (scaled): start {lr[0]:.6g} peak {lr.max():.6g} end {lr[-1]:.6g}",
               f"# crops: {derived.num_crops} of sizes {derived.crop_sizes}"]

@@ -74,7 +74,7 @@ def help_text() -> str:
     group_lines = [f"  +config/{group}=  {', '.join(options)}" for group, options in groups.items()]
     return "\n".join([
         "usage: fastssl-train config=SEED [+config/GROUP=OPTION ...] [config.KEY=VALUE ...] [--cfg job]",
-        "       fastssl-train -m config=SEED config.KEY=V1,V2 ... [hydra/launcher=LAUNCHER] [hydra.launcher.KEY=V] [--knn]",
+        "       fastssl-train -m config=SEED config.KEY=V1,V2 ... [hydra/launcher=NAME] [hydra.launcher.KEY=V] [--knn]",
         "",
         "Trains a self-supervised model from VISSL's configs and command lines, e.g.",
         "  fastssl-train config=pretrain/swav/swav_8node_resnet config.LOSS.swav_loss.temperature=0.2",
