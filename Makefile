@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml | system-packages
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[dev,dali,ffcv]"
+	$(BIN)/pip install -q -e ".[dev,dali,ffcv,slurm]"
 	touch $(STAMP)
 
 demo: $(STAMP)

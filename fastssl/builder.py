@@ -21,8 +21,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from loaders.build import build_eval_loader, build_train_loader
-from loaders.images import class_names
+from loaders.images import class_names, list_samples
 from loaders.recipe import MultiCropRecipe, recipe_from_transforms
+from loaders.sampler import EpochBatchSampler
 from loaders.sources import resolve_image_folder
 
 from . import dist, launch
@@ -272,6 +273,73 @@ def derive(cfg: DictConfig, *, world_size: int, num_samples: int, iterations_per
                    num_train_samples=num_samples, iterations_per_epoch=iterations_per_epoch,
                    total_iterations=total, num_crops=run_recipe.total_num_crops,
                    crop_sizes=run_recipe.crop_sizes, lr_schedule=lr)
+
+
+def planned_num_samples(cfg: DictConfig) -> tuple[int | None, str]:
+    """The training set's size without building a loader, and how it was found (for ``--cfg job``):
+    the built-in dataset's from SYNTHETIC.TRAIN_PER_CLASS x 10 classes (nothing generated), a folder's
+    by counting its files; DATA_LIMIT applies. None for a .beton (its size is read when it opens)."""
+    source, data_path = data_source(cfg)
+    train_cfg = cfg.DATA.TRAIN
+    if source == "synthetic":
+        size = train_cfg.SYNTHETIC.TRAIN_PER_CLASS * 10
+        how = "built-in synthetic dataset: SYNTHETIC.TRAIN_PER_CLASS x 10 classes, not generated"
+    elif source == "disk_folder":
+        size, how = len(list_samples(data_path, data_limit=-1)), f"counted the images of {data_path}"
+    else:
+        return None, f"{data_path} is a .beton: its size is read when the loader opens it"
+    if train_cfg.DATA_LIMIT > 0 and train_cfg.DATA_LIMIT < size:
+        size, how = train_cfg.DATA_LIMIT, f"{how}; DATA_LIMIT {train_cfg.DATA_LIMIT}"
+    return size, how
+
+
+def planned_derived(cfg: DictConfig) -> tuple[Derived | None, str]:
+    """``derive`` for the configured world (NUM_NODES x NUM_PROC_PER_NODE) without building the data, and
+    how the dataset size was found (see planned_num_samples; None where it is unknown)."""
+    num_samples, how = planned_num_samples(cfg)
+    if num_samples is None:
+        return None, how
+    train_cfg = cfg.DATA.TRAIN
+    world_size = cfg.DISTRIBUTED.NUM_NODES * cfg.DISTRIBUTED.NUM_PROC_PER_NODE
+    iterations = len(EpochBatchSampler(num_samples, batch_size=train_cfg.BATCHSIZE_PER_REPLICA,
+                                       drop_last=train_cfg.DROP_LAST, shuffle=True, seed=cfg.SEED_VALUE, rank=0,
+                                       world_size=world_size))
+    return derive(cfg, world_size=world_size, num_samples=num_samples, iterations_per_epoch=iterations), how
+
+
+def describe_job(cfg: DictConfig) -> str:
+    """``fastssl-train ... --cfg job``: the composed, validated config as YAML, then the derived values for
+    the configured world (NUM_NODES x NUM_PROC_PER_NODE), computed as a run computes them but without data."""
+    distributed = cfg.DISTRIBUTED
+    world_size = distributed.NUM_NODES * distributed.NUM_PROC_PER_NODE
+    lines = [OmegaConf.to_yaml(OmegaConf.create({"config": OmegaConf.to_container(cfg)})).rstrip(), "",
+             f"# derived values for {distributed.NUM_NODES} node(s) x {distributed.NUM_PROC_PER_NODE} process(es)"]
+    derived, how = planned_derived(cfg)
+    lines.append(f"# training samples: {derived.num_train_samples if derived else 'unknown'} ({how})")
+    if derived is None:
+        return "\n".join(lines)
+    lr = derived.lr_schedule
+    per_replica = derived.batch_size_per_replica
+    lines += [f"# global batch: {derived.global_batch_size} ({per_replica} per replica x {world_size})",
+              f"# iterations: {derived.iterations_per_epoch} per epoch, {derived.total_iterations} in all",
+              f"# lr (scaled): start {lr[0]:.6g} peak {lr.max():.6g} end {lr[-1]:.6g}",
+              f"# crops: {derived.num_crops} of sizes {derived.crop_sizes}"]
+    if cfg.LOSS.name == "swav_loss":
+        queue_length = cfg.LOSS.swav_loss.queue.queue_length
+        rounded = queue_length - queue_length % derived.global_batch_size
+        lines.append(f"# swav queue: {rounded} ({rounded // world_size} per rank), from iteration "
+                     f"{cfg.LOSS.swav_loss.queue.start_iter}")
+    lines.append(f"# checkpoints: {Path(cfg.CHECKPOINT.DIR).resolve()}")
+    return "\n".join(lines)
+
+
+def launch_resources(cfg: DictConfig) -> dict:
+    """What a scheduler must give one job (for the submitit launchers): nodes, tasks per node, GPUs per node,
+    and the checkpoint directory, the default home of a sweep."""
+    distributed = cfg.DISTRIBUTED
+    return {"nodes": distributed.NUM_NODES, "tasks_per_node": distributed.NUM_PROC_PER_NODE,
+            "gpus_per_node": distributed.NUM_PROC_PER_NODE if cfg.MACHINE.DEVICE == "gpu" else 0,
+            "checkpoint_dir": str(Path(cfg.CHECKPOINT.DIR).resolve())}
 
 
 # ---------------- model --------------------------------------------------------------------------

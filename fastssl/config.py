@@ -26,21 +26,23 @@ class ConfigError(ValueError):
     """A one-line, user-facing configuration error (the CLI prints it and exits with status 2)."""
 
 
-def split_arguments(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    """Split command-line words into Hydra group overrides and ``config.KEY=value`` assignments.
-
-    A value with spaces that the shell split into several words (an unquoted
-    ``config.MODEL.HEAD.PARAMS=[["swav_head", {"dims": [...]}]]``) is joined back: a word that does
-    not start a new override continues the previous one.
-    """
+def join_words(argv: list[str]) -> list[str]:
+    """One word per override: a value with spaces that the shell split into several words (an unquoted
+    ``config.MODEL.HEAD.PARAMS=[["swav_head", {"dims": [...]}]]``) is joined back, since a word that
+    does not start a new override continues the previous one."""
     words: list[str] = []
     for word in argv:
         if re.match(r"^\+?config[./=]", word) or not words:
             words.append(word)
         else:
             words[-1] += " " + word
+    return words
+
+
+def split_arguments(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Split command-line words into Hydra group overrides and ``config.KEY=value`` assignments."""
     groups, assignments = [], []
-    for word in words:
+    for word in join_words(argv):
         if "=" not in word:
             raise ConfigError(f"cannot read argument {word!r}: expected config=..., +config/...=... or config.KEY=value")
         key, value = word.split("=", 1)

@@ -1,6 +1,8 @@
 """fastssl-train: the entry point.
 
     fastssl-train config=pretrain/swav/swav_8node_resnet config.LOSS.swav_loss.temperature=0.2
+    fastssl-train config=... --cfg job        # the composed config and derived values; trains nothing
+    fastssl-train -m config=... config.KEY=a,b # a sweep through Hydra's launchers (fastssl/sweep.py)
 
 ``main`` composes the config and runs here or spawns the workers; ``run`` is one worker: the run
 builder (fastssl/builder.py) turns the config into objects, the checkpoint restores them, the loop trains.
@@ -11,10 +13,11 @@ import os
 import sys
 import traceback
 
-from . import dist, launch
-from .builder import (build_cluster_features, build_run, engine_name, notice, plan_processes, select_device,
-                      start_process_group)
+from . import dist, launch, sweep
+from .builder import (build_cluster_features, build_run, describe_job, engine_name, notice, plan_processes,
+                      select_device, start_process_group)
 from .checkpoint import TrainState
+from .cli import help_text, read_command
 from .clusterfit import cluster_features
 from .config import ConfigError, compose_config
 from .engine import NonFiniteLossError, train
@@ -75,7 +78,17 @@ def main(argv: list[str] | None = None) -> int:
     """fastssl-train: run here, or spawn DISTRIBUTED.NUM_PROC_PER_NODE workers (see launch.py)."""
     argv = sys.argv[1:] if argv is None else argv
     try:
+        command = read_command(argv)
+        if command.help:
+            print(help_text())
+            return 0
+        if command.multirun:
+            return sweep.multirun(command)
+        argv = command.overrides
         cfg = compose_config(argv)
+        if command.show_config:
+            print(describe_job(cfg))
+            return 0
         plan = plan_processes(cfg)
         if plan.notice:
             notice(plan.notice)
