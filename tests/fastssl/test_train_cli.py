@@ -87,12 +87,13 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_nan_loss_stops_with_a_dump(tmp_path):
     code = main(CPU + [f"config.CHECKPOINT.DIR={tmp_path}", "config.OPTIMIZER.num_epochs=1",
-                       "config.LOSS.swav_loss.temperature=0.0"])  # division by zero -> non-finite loss
+                       "config.LOSS.swav_loss.temperature=1e-30"])  # in range, but the logits overflow
     assert code == 3
     dumps = list(tmp_path.glob("nan_dump_rank0_step*.torch"))
     assert len(dumps) == 1
     dump = torch.load(dumps[0], weights_only=False)
     assert not torch.isfinite(dump["loss"]) and len(dump["crops"]) == 3 and "scores0" in dump["method"]
+    assert dump["outputs"] is not None  # the step's outputs, kept by the method's training_loss
     assert latest_checkpoint(tmp_path) is None  # nothing non-finite was saved as a checkpoint
 
 
