@@ -2,9 +2,16 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
+
+
+def notice(message: str) -> None:
+    """A one-line message to the user, printed once per job (by the first worker only)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"fastssl: {message}", file=sys.stderr, flush=True)
 
 
 class RunLogger:

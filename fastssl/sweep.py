@@ -32,7 +32,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 
-from .builder import launch_resources, planned_derived
+from .run_data import launch_resources, planned_derived
 from .checkpoint import latest_checkpoint
 from .cli import Command
 from .config import ConfigError, compose_config, join_words

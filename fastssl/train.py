@@ -14,13 +14,14 @@ import sys
 import traceback
 
 from . import dist, launch, sweep
-from .builder import (build_cluster_features, build_run, describe_job, engine_name, notice, plan_processes,
-                      select_device, start_process_group)
+from .builder import (build_cluster_features, build_run, engine_name, notice, plan_processes, select_device,
+                      start_process_group)
 from .checkpoint import TrainState
 from .cli import help_text, read_command
 from .clusterfit import cluster_features
 from .config import ConfigError, compose_config
 from .engine import NonFiniteLossError, train
+from .run_data import describe_job
 
 
 def run(cfg):

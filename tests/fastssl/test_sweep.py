@@ -144,7 +144,7 @@ def test_submitit_slurm_script_asks_for_distributed_nodes_tasks_gpus_and_usr1(tm
     from hydra.utils import instantiate
     import submitit
 
-    from fastssl.builder import launch_resources
+    from fastssl.run_data import launch_resources
     from fastssl.config import compose_config
     from fastssl.sweep import PRIMARY, launcher_defaults
 
