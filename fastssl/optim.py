@@ -76,7 +76,8 @@ class LARC:
     factor is min(local_lr / lr, 1) ("clip" mode), otherwise local_lr ("scale" mode). Weight decay is
     folded into the gradient before scaling and the wrapped optimizer's own decay is switched off for the
     step. A parameter whose weight or gradient norm is zero keeps its plain gradient and gets no decay.
-    Computed without host synchronisation (torch.where instead of Python branches).
+    Computed without host synchronisation (torch.where instead of Python branches), as _foreach operations
+    over each parameter group rather than a Python loop of small kernels.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, trust_coefficient: float, clip: bool, eps: float):
@@ -105,20 +106,26 @@ class LARC:
             weight_decay = group["weight_decay"]
             saved_decay.append(weight_decay)
             group["weight_decay"] = 0.0
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                param_norm = torch.linalg.vector_norm(p.detach().float())
-                grad_norm = torch.linalg.vector_norm(p.grad.detach().float())
-                adaptive = self.trust_coefficient * param_norm / (grad_norm + param_norm * weight_decay + self.eps)
-                if self.clip:
-                    adaptive = torch.clamp(adaptive / group["lr"], max=1.0)
-                active = (param_norm > 0) & (grad_norm > 0)
-                scaled = (p.grad + weight_decay * p) * adaptive.to(p.grad.dtype)
-                p.grad.copy_(torch.where(active, scaled, p.grad))
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._scale_gradients(params, weight_decay=weight_decay, lr=group["lr"])
         self.optim.step()
         for group, weight_decay in zip(self.optim.param_groups, saved_decay):
             group["weight_decay"] = weight_decay
+
+    def _scale_gradients(self, params: list, *, weight_decay: float, lr: float) -> None:
+        """g <- (g + wd w) * local_lr for every parameter of a group at once (_foreach operations)."""
+        grads = [p.grad for p in params]
+        param_norms = torch.stack(torch._foreach_norm(params)).float()  # (P,)
+        grad_norms = torch.stack(torch._foreach_norm(grads)).float()  # (P,)
+        adaptive = self.trust_coefficient * param_norms / (grad_norms + param_norms * weight_decay + self.eps)
+        if self.clip:
+            adaptive = torch.clamp(adaptive / lr, max=1.0)
+        active = (param_norms > 0) & (grad_norms > 0)
+        factors = torch.where(active, adaptive, torch.ones_like(adaptive))
+        decays = torch.where(active, torch.full_like(adaptive, weight_decay), torch.zeros_like(adaptive))
+        torch._foreach_add_(grads, torch._foreach_mul(params, list(decays.to(grads[0].dtype).unbind())))
+        torch._foreach_mul_(grads, list(factors.to(grads[0].dtype).unbind()))
 
 
 def build_optimizer(model: nn.Module, *, name: str, momentum: float, nesterov: bool, weight_decay: float,

@@ -16,8 +16,8 @@ def resolve_image_folder(
 ) -> Path:
     """The image folder of a source and split.
 
-    synthetic: data_path is the dataset root (None or "": the default cache), generated on first
-        use from synthetic_params {image_size, train_per_class, val_per_class}; split picks
+    synthetic: data_path, else synthetic_params["root"], is the dataset root (None or "": the default
+        cache), generated on first use from synthetic_params {image_size, train_per_class, val_per_class}; split picks
         <root>/train or <root>/val.
     disk_folder: data_path is the folder of the requested split itself (VISSL's DATA_PATHS).
     """
@@ -25,7 +25,7 @@ def resolve_image_folder(
         if not synthetic_params:
             raise ValueError("source synthetic needs synthetic_params {image_size, train_per_class, val_per_class}")
         root = ensure_synthetic_dataset(
-            data_path or None,
+            data_path or synthetic_params.get("root") or None,  # DATA.TRAIN.SYNTHETIC.ROOT
             image_size=synthetic_params["image_size"],
             train_per_class=synthetic_params["train_per_class"],
             val_per_class=synthetic_params["val_per_class"],

@@ -75,3 +75,33 @@ def test_multistep_and_epoch_interval():
     spec = {"name": "multistep", "values": [0.1, 0.01, 0.001], "milestones": [2, 4]}
     lr = precompute_schedule(spec, total_steps=12, steps_per_epoch=2, update_interval="epoch")
     assert np.allclose(lr, [0.1] * 4 + [0.01] * 4 + [0.001] * 4)
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_larc_over_a_whole_group_equals_the_per_parameter_formula(clip):
+    """The _foreach step against a loop written from the formula, with a zero gradient and a zero weight."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 3), nn.Linear(3, 2, bias=False))
+    with torch.no_grad():
+        model[2].weight.zero_()  # ||w|| = 0: plain gradient, no decay
+    lr, wd, trust, eps = 0.3, 1e-3, 0.02, 1e-8
+    grads = [torch.randn_like(p) for p in model.parameters()]
+    grads[1].zero_()  # ||g|| = 0: left as it is
+    expected = []
+    for p, g in zip(model.parameters(), grads):
+        w_norm, g_norm = p.detach().norm(), g.norm()
+        if w_norm > 0 and g_norm > 0:
+            local = trust * w_norm / (g_norm + wd * w_norm + eps)
+            local = min(local / lr, 1.0) if clip else local
+            g = (g + wd * p.detach()) * local
+        expected.append(p.detach() - lr * g)  # SGD without momentum state on the first step
+    optimizer = build_optimizer(model, name="sgd", momentum=0.0, nesterov=False, weight_decay=wd, regularize_bn=True,
+                                regularize_bias=True, use_larc=True, larc_clip=clip, larc_trust_coefficient=trust,
+                                larc_eps=eps, eta=0.001, exclude_bias_and_norm=False)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g.clone()
+    optimizer.step()
+    for p, e in zip(model.parameters(), expected):
+        assert torch.allclose(p, e, atol=1e-6)

@@ -48,7 +48,7 @@ def test_topk_correct_against_a_hand_example():
 
 def tiny_model() -> FeatureEvalModel:
     resnet = {"DEPTH": 18, "WIDTH_MULTIPLIER": 1, "GROUPS": 1, "WIDTH_PER_GROUP": 64, "ZERO_INIT_RESIDUAL": False,
-              "CONV_INIT": "pytorch"}
+              "CONV_INIT": "pytorch", "STEM": "imagenet"}
     return build_feature_eval_model(
         trunk_name="resnet", resnet=resnet, regnet={}, alexnet=None, channels_last=False, flatten=False,
         head_params=[["eval_mlp", {"in_channels": 256, "dims": [256 * 4, 5]}], ["mlp", {"dims": [512, 5]}]],
