@@ -3,6 +3,9 @@ still its own (commit f453f29, before the defaults became VISSL's): every key th
 cpu_configs_resolved.yaml. A change of defaults.yaml that would change how one of them trains fails here;
 state the old value in the config instead.
 
+Deliberate changes since: the demo (swav_1node_cpu_resnet18) dropped its Gaussian blur when the blur
+became PIL's exact one (benchmarks/RESULTS.md).
+
 Regenerate (only for a deliberate change of a CPU config):
     python tests/fastssl/test_cpu_configs_unchanged.py > tests/fastssl/cpu_configs_resolved.yaml
 """
