@@ -29,6 +29,7 @@ from .config import ROOT_DEFAULTS, ConfigError
 from .engine import LoopSettings
 from .metrics import RunLogger, notice
 from .methods import METHODS, Method, RunInfo
+from .methods.swav import rounded_queue_length
 from .models import build_feature_eval_model, build_model, build_trunk, check_head_inputs, fit_head_to_trunk
 from .models.model import SSLModel
 from .optim import build_optimizer
@@ -249,7 +250,7 @@ def _inferred_loss_keys(run: RunInfo, *, queue_length: int, checkpoint_dir: str)
     """LOSS keys that VISSL infers from the run whatever the config says (vissl/utils/hydra_config.py), with
     the values fastssl infers; dotted keys are nested."""
     head = run.head_params[-1][1] if run.head_params else {}
-    queue_per_rank = (queue_length - queue_length % run.global_batch_size) // run.world_size
+    queue_per_rank = rounded_queue_length(queue_length, global_batch_size=run.global_batch_size) // run.world_size
     return {
         "swav_loss": {"num_crops": run.num_crops, "embedding_dim": (head.get("dims") or [None])[-1],
                       "num_prototypes": head.get("num_clusters"), "output_dir": checkpoint_dir,

@@ -17,6 +17,7 @@ from loaders.recipe import MultiCropRecipe, recipe_from_transforms
 from loaders.sampler import EpochBatchSampler
 
 from .config import ConfigError
+from .methods.swav import rounded_queue_length
 from .metrics import notice
 from .optim import precompute_schedule, scale_lr_schedule
 
@@ -236,7 +237,7 @@ def describe_job(cfg: DictConfig) -> str:
               f"# crops: {derived.num_crops} of sizes {derived.crop_sizes}"]
     if cfg.LOSS.name == "swav_loss":
         queue_length = cfg.LOSS.swav_loss.queue.queue_length
-        rounded = queue_length - queue_length % derived.global_batch_size
+        rounded = rounded_queue_length(queue_length, global_batch_size=derived.global_batch_size)
         lines.append(f"# swav queue: {rounded} ({rounded // world_size} per rank), from iteration "
                      f"{cfg.LOSS.swav_loss.queue.start_iter}")
     lines.append(f"# checkpoints: {Path(cfg.CHECKPOINT.DIR).resolve()}")

@@ -17,6 +17,11 @@ from loaders.batch import Batch
 from .base import Method, RunInfo
 
 
+def rounded_queue_length(queue_length: int, *, global_batch_size: int) -> int:
+    """The queue rounded down to whole global batches (VISSL's infer_losses_config); split evenly over ranks."""
+    return queue_length - queue_length % global_batch_size
+
+
 class SwAV(Method):
     rank_local_state = ("queue",)  # each rank queues its own past embeddings
 
@@ -54,8 +59,7 @@ class SwAV(Method):
         head_name, head = run.head_params[-1]
         if head_name != "swav_head":
             raise ValueError("swav_loss needs a swav_head as the last entry of MODEL.HEAD.PARAMS")
-        queue_length = params["queue"]["queue_length"]
-        queue_length -= queue_length % run.global_batch_size
+        queue_length = rounded_queue_length(params["queue"]["queue_length"], global_batch_size=run.global_batch_size)
         return cls(temperature=params["temperature"], epsilon=params["epsilon"], num_iters=params["num_iters"],
                    crops_for_assign=params["crops_for_assign"], num_crops=run.num_crops,
                    num_prototypes=list(head["num_clusters"]), embedding_dim=head["dims"][-1],
