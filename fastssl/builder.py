@@ -119,7 +119,7 @@ def feature_eval(cfg: DictConfig) -> bool:
     return bool(settings.EVAL_MODE_ON)
 
 
-def resolve_head_params(cfg: DictConfig) -> list:
+def resolve_head_params(cfg: DictConfig, *, quiet: bool = False) -> list:
     """MODEL.HEAD.PARAMS fitted to the run: the first head's input follows the trunk's feature_dim, and
     the last head's output follows LOSS.<name>.memory_params.embedding_dim where the loss sets one
     (the DeepClusterV2 page changes the projection with that key). A notice says what changed.
@@ -131,15 +131,16 @@ def resolve_head_params(cfg: DictConfig) -> list:
         feature_dim = build_trunk(trunk.NAME, resnet=OmegaConf.to_container(trunk.RESNETS),
                                   regnet=_regnet_params(cfg)).feature_dim
     head_params, changed = fit_head_to_trunk(OmegaConf.to_container(cfg.MODEL.HEAD.PARAMS), feature_dim)
-    if changed:
+    if changed and not quiet:
         notice(f"MODEL.HEAD.PARAMS[0] dims[0] set to the trunk's feature_dim {feature_dim}")
     loss = cfg.LOSS.get(cfg.LOSS.name) or {}
     embedding_dim = (loss.get("memory_params") or {}).get("embedding_dim")
     if embedding_dim is not None and head_params and head_params[-1][1]["dims"][-1] != embedding_dim:
         name, kwargs = head_params[-1]
         head_params = [*head_params[:-1], [name, {**kwargs, "dims": [*kwargs["dims"][:-1], embedding_dim]}]]
-        notice(f"MODEL.HEAD.PARAMS[-1] output dim set to LOSS.{cfg.LOSS.name}.memory_params.embedding_dim "
-               f"{embedding_dim}")
+        if not quiet:
+                notice(f"MODEL.HEAD.PARAMS[-1] output dim set to LOSS.{cfg.LOSS.name}.memory_params.embedding_dim "
+                   f"{embedding_dim}")
     return head_params
 
 
@@ -157,6 +158,23 @@ def build_run_model(cfg: DictConfig, *, head_params: list, on_meta: bool = False
         return build_model(trunk_name=trunk.NAME, resnet=OmegaConf.to_container(trunk.RESNETS),
                            regnet=_regnet_params(cfg), alexnet=None, head_params=head_params,
                            channels_last=cfg.MODEL.CHANNELS_LAST)
+
+
+def preflight(cfg: DictConfig) -> None:
+    """The checks of a config that need neither data nor a device, run before any process starts (and by
+    ``--cfg job``): the transforms parse into a recipe, the heads build on the meta device (every key of
+    MODEL.HEAD.PARAMS known, the dims chained), feature-evaluation heads fit their layers. A one-line
+    ConfigError naming the problem, so a bad key never reaches a worker."""
+    try:
+        recipe(cfg)
+        head_params = resolve_head_params(cfg, quiet=True)
+        build_run_model(cfg, head_params=head_params, on_meta=True)
+        if feature_eval(cfg):
+            check_feature_eval(cfg, head_params=head_params)
+    except (ValueError, TypeError) as error:
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(str(error).splitlines()[0] if str(error) else type(error).__name__) from None
 
 
 def check_feature_eval(cfg: DictConfig, *, head_params: list) -> None:

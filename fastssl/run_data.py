@@ -225,7 +225,10 @@ def describe_job(cfg: DictConfig) -> str:
     world_size = distributed.NUM_NODES * distributed.NUM_PROC_PER_NODE
     lines = [OmegaConf.to_yaml(OmegaConf.create({"config": OmegaConf.to_container(cfg)})).rstrip(), "",
              f"# derived values for {distributed.NUM_NODES} node(s) x {distributed.NUM_PROC_PER_NODE} process(es)"]
-    derived, how = planned_derived(cfg)
+    try:
+        derived, how = planned_derived(cfg)
+    except ValueError as error:  # e.g. the built-in dataset cannot fill one batch on every rank of this world
+        derived, how = None, f"no derived values for this world: {str(error).splitlines()[0]}"
     lines.append(f"# training samples: {derived.num_train_samples if derived else 'unknown'} ({how})")
     if derived is None:
         return "\n".join(lines)

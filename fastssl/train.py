@@ -14,8 +14,8 @@ import sys
 import traceback
 
 from . import dist, launch, sweep
-from .builder import (build_cluster_features, build_run, engine_name, notice, plan_processes, select_device,
-                      start_process_group)
+from .builder import (build_cluster_features, build_run, engine_name, notice, plan_processes, preflight,
+                      select_device, start_process_group)
 from .checkpoint import TrainState
 from .cli import help_text, read_command
 from .clusterfit import cluster_features
@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             return sweep.multirun(command)
         argv = command.overrides
         cfg = compose_config(argv)
+        preflight(cfg)
         if command.show_config:
             print(describe_job(cfg))
             return 0

@@ -104,12 +104,31 @@ def _transform_list(value: Any) -> tuple[dict, ...]:
 
 
 NUMBER = Kind("a number", _number)
-INTEGER = Kind("an integer", _integer)
-INTEGERS = Kind("a list of integers", _list_of(_integer))
+
+
+def _positive_integer(value: Any) -> int:
+    if _integer(value) <= 0:
+        raise ValueError
+    return value
+
+
+COUNT = Kind("a positive integer", _positive_integer)
+COUNTS = Kind("a list of positive integers", _list_of(_positive_integer))
 PROBABILITY = Kind("a probability in [0, 1]", _probability)
 PROBABILITIES = Kind("a probability in [0, 1], or a list of them (one per crop or crop group)", _probabilities)
 RANGE = Kind("a [min, max] pair of numbers", _range)
-RANGES = Kind("a list of [min, max] pairs of numbers", _list_of(_range))
+
+
+def _area_share(value: Any) -> tuple[float, float]:
+    """A crop's share of the image area: a [min, max] pair with 0 < min <= max <= 1."""
+    low, high = _range(value)
+    if not 0.0 < low <= high <= 1.0:
+        raise ValueError
+    return low, high
+
+
+AREA = Kind("a [min, max] share of the image area with 0 < min <= max <= 1", _area_share)
+AREAS = Kind("a list of [min, max] shares of the image area, each with 0 < min <= max <= 1", _list_of(_area_share))
 SIZE = Kind("an integer or [integer]", _size)
 INTERPOLATION = Kind("PIL's resampling code 2 (bilinear) or 3 (bicubic)", _interpolation)
 RGB = Kind("a list of 3 numbers (R, G, B)", _list_of(_number, length=3))
@@ -125,14 +144,14 @@ class Key(NamedTuple):
 # Every accepted transform: {key: Key(type, default)}.
 TRANSFORM_KEYS: dict[str, dict[str, Key]] = {
     "ImgPilToMultiCrop": {  # total_num_crops None: sum(num_crops)
-        "total_num_crops": Key(INTEGER, None), "num_crops": Key(INTEGERS), "size_crops": Key(INTEGERS),
-        "crop_scales": Key(RANGES)},
+        "total_num_crops": Key(COUNT, None), "num_crops": Key(COUNTS), "size_crops": Key(COUNTS),
+        "crop_scales": Key(AREAS)},
     "RandomResizedCrop": {  # one crop: a single-crop recipe
-        "size": Key(SIZE), "scale": Key(RANGE, (0.08, 1.0)), "ratio": Key(RANGE, (3.0 / 4.0, 4.0 / 3.0)),
+        "size": Key(SIZE), "scale": Key(AREA, (0.08, 1.0)), "ratio": Key(RANGE, (3.0 / 4.0, 4.0 / 3.0)),
         "interpolation": Key(INTERPOLATION, "bilinear")},
     "CenterCrop": {"size": Key(SIZE)},  # with an optional Resize before it: the deterministic single crop
     "Resize": {"size": Key(SIZE), "interpolation": Key(INTERPOLATION, "bilinear")},  # the short side to size
-    "ImgReplicatePil": {"num_times": Key(INTEGER, 2)},  # that many copies of the one crop (SimCLR, BYOL)
+    "ImgReplicatePil": {"num_times": Key(COUNT, 2)},  # that many copies of the one crop (SimCLR, BYOL)
     "RandomHorizontalFlip": {"p": Key(PROBABILITY, 0.5)},
     # torchvision's ColorJitter: always applied; x gives factors in [max(0, 1 - x), 1 + x] (hue: [-x, x]), or a
     # [min, max] pair directly (ClusterFit's recipe).

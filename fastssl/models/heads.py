@@ -117,6 +117,33 @@ HEAD_DEFAULTS = {
 }
 
 
+def check_head_params(params) -> None:
+    """A one-line ValueError for the first entry of MODEL.HEAD.PARAMS that is not [known head name, {its known
+    arguments}] with integer dims of at least 2 entries (naming the entry, the argument and the closest one)."""
+    if not isinstance(params, (list, tuple)):
+        raise ValueError(f"MODEL.HEAD.PARAMS must be a list of [name, {{arguments}}] entries, got {params!r}")
+    for position, entry in enumerate(params):
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], dict)):
+            raise ValueError(f"MODEL.HEAD.PARAMS[{position}] must be [name, {{arguments}}], got {entry!r}")
+        name, kwargs = entry
+        if name not in HEADS:
+            closest = difflib.get_close_matches(str(name), HEADS, n=1)
+            hint = f"; did you mean {closest[0]!r}?" if closest else ""
+            raise ValueError(f"unknown head {name!r} in MODEL.HEAD.PARAMS[{position}]{hint} (supported: "
+                             f"{', '.join(HEADS)})")
+        known = ("dims", *HEAD_DEFAULTS[name])
+        for key in kwargs:
+            if key not in known:
+                closest = difflib.get_close_matches(key, known, n=1)
+                hint = f"; did you mean {closest[0]!r}?" if closest else ""
+                raise ValueError(f"unknown {name} argument {key!r} in MODEL.HEAD.PARAMS[{position}]{hint}")
+        dims = kwargs.get("dims")
+        if (not isinstance(dims, (list, tuple)) or len(dims) < 2
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims)):
+            raise ValueError(f"MODEL.HEAD.PARAMS[{position}] ({name}) needs dims: a list of at least 2 positive "
+                             f"integers, got {dims!r}")
+
+
 def build_heads(params: list, *, in_dim: int | None = None) -> nn.Sequential:
     """Build MODEL.HEAD.PARAMS, a list of [name, {kwargs}], as an nn.Sequential.
 
@@ -126,18 +153,8 @@ def build_heads(params: list, *, in_dim: int | None = None) -> nn.Sequential:
     """
     heads = []
     previous_dim, previous_name = in_dim, "trunk feature_dim"
-    for position, entry in enumerate(params):
-        name, kwargs = entry
-        if name not in HEADS:
-            raise ValueError(f"unknown head {name!r} in MODEL.HEAD.PARAMS[{position}]; supported: {list(HEADS)}")
-        known = ("dims", *HEAD_DEFAULTS[name])
-        for key in kwargs:
-            if key not in known:
-                closest = difflib.get_close_matches(key, known, n=1)
-                hint = f"; did you mean {closest[0]!r}?" if closest else ""
-                raise ValueError(f"unknown {name} argument {key!r} in MODEL.HEAD.PARAMS[{position}]{hint}")
-        if "dims" not in kwargs or len(kwargs["dims"]) < 2:
-            raise ValueError(f"MODEL.HEAD.PARAMS[{position}] ({name}) needs dims with at least 2 entries")
+    check_head_params(params)
+    for position, (name, kwargs) in enumerate(params):
         dims = [int(dim) for dim in kwargs["dims"]]
         if previous_dim is not None and dims[0] != previous_dim:
             raise ValueError(f"MODEL.HEAD.PARAMS[{position}] ({name}) has input dims[0]={dims[0]} but the "

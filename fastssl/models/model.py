@@ -6,7 +6,7 @@ import itertools
 import torch
 from torch import nn
 
-from fastssl.models.heads import build_heads
+from fastssl.models.heads import build_heads, check_head_params
 from fastssl.models.trunks import StagedTrunk, build_trunk
 
 
@@ -54,6 +54,7 @@ def fit_head_to_trunk(head_params: list, feature_dim: int) -> tuple[list, bool]:
     The seed command lines change the trunk (ResNet-50-w2: 4096 features) without restating the
     head, whose dims[0] was written for ResNet-50 (2048). Returns (params, whether dims[0] changed).
     """
+    check_head_params(head_params)
     if not head_params:
         return head_params, False
     (name, kwargs), rest = head_params[0], head_params[1:]
