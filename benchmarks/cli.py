@@ -4,6 +4,8 @@
     fastssl-bench kernels [options]   NPID step and k-means against straightforward baselines
     fastssl-bench comm [options]      bytes per collective and expected scaling efficiency (on paper)
     fastssl-bench train [options]     the training step of a config, broken down, beside a bare loop
+    fastssl-bench faults [options]    the fault harness: kill -9, damaged checkpoints, a full disk, SIGTERM, a dying
+                                      rank, unreadable images, a config fuzz, against the real fastssl-train
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import importlib
 import sys
 
 COMMANDS = {"loader": "benchmarks.loader", "kernels": "benchmarks.kernels", "comm": "benchmarks.comm_volume",
-            "train": "benchmarks.train_step"}
+            "train": "benchmarks.train_step", "faults": "benchmarks.faults"}
 
 
 def main(argv: list[str] | None = None) -> int:

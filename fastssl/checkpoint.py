@@ -13,6 +13,7 @@ import random
 import re
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,8 @@ class CheckpointError(ValueError):
 
 
 _NAME = re.compile(r"^checkpoint_step(\d+)\.torch$")
+_UNFINISHED = ".*.torch.tmp-*"  # the temporary file of a save that never finished (a kill -9 inside it)
+SAVE_DELAY_VARIABLE = "FASTSSL_TEST_SAVE_DELAY_S"  # seconds between the written temporary file and its rename
 
 
 @dataclass
@@ -62,15 +65,29 @@ def _write_atomically(state: dict, final: Path) -> None:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        if os.environ.get(SAVE_DELAY_VARIABLE):  # test-only: the fault harness aims a kill -9 inside a save
+            time.sleep(float(os.environ[SAVE_DELAY_VARIABLE]))
         os.replace(temporary, final)
     except (OSError, RuntimeError) as error:  # torch's zip writer reports a short write as a RuntimeError
         Path(temporary).unlink(missing_ok=True)
-        detail = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
-        raise CheckpointError(f"cannot write checkpoint {final} ({detail}; is the disk full?); the previous "
-                              "checkpoints are intact") from None
+        detail = (error.strerror if isinstance(error, OSError) and error.strerror else
+                  "the write stopped short")  # torch's zip writer says "unexpected pos ...", no errno
+        raise CheckpointError(f"cannot write checkpoint {final} ({detail}: is the disk full, or a file-size limit "
+                              "reached?); the previous checkpoints are intact") from None
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _remove_unfinished_saves(directory: Path) -> None:
+    """Remove the temporary files of saves that were killed before their rename (never read as checkpoints:
+    list_checkpoints matches only finished names). Called before training starts, when no rank writes."""
+    unfinished = sorted(directory.glob(_UNFINISHED)) if directory.is_dir() else []
+    for path in unfinished:
+        path.unlink(missing_ok=True)
+    if unfinished:
+        print(f"fastssl: removed {len(unfinished)} unfinished checkpoint file(s) of an interrupted save: "
+              f"{', '.join(p.name for p in unfinished)}", file=sys.stderr)
 
 
 def rank_state_path(directory: str | Path, *, step: int, rank: int) -> Path:
@@ -124,7 +141,8 @@ def load_checkpoint(path: str | Path, *, map_location="cpu") -> dict:
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
         detail = str(error).split("WeightsUnpickler error:")[-1].strip().splitlines() or [type(error).__name__]
-        raise CheckpointError(f"cannot read checkpoint {path}: {detail[0]}") from None
+        first_sentence = detail[0].split(". ")[0].rstrip(".")  # torch's zip reader adds several sentences of advice
+        raise CheckpointError(f"cannot read checkpoint {path}: {first_sentence}") from None
 
 
 def _distributed() -> bool:
@@ -169,6 +187,8 @@ class TrainingCheckpoint:
         An unreadable checkpoint (truncated, empty, not a torch file) or one of another model is skipped with
         a one-line warning naming it; if none is usable, a one-line CheckpointError says why.
         """
+        if self.rank == 0:
+            _remove_unfinished_saves(self.directory)
         found = list_checkpoints(self.directory)
         problems = []
         for path in reversed(found):

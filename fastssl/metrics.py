@@ -14,6 +14,27 @@ def notice(message: str) -> None:
         print(f"fastssl: {message}", file=sys.stderr, flush=True)
 
 
+def _keep_records_before(path: Path, start_step: int) -> None:
+    """Drop the records of steps at or after ``start_step`` (they run again after a resume from an earlier
+    checkpoint, as after a kill -9) and a line cut short by a kill, so every step is logged once."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if _step_of(line) < start_step]
+    if len(kept) < len(lines):
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(temporary, path)
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl line; infinity for a line that is not a whole record."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 class RunLogger:
     """Prints and records metrics on rank 0; a no-op elsewhere."""
 
@@ -28,6 +49,7 @@ class RunLogger:
             return
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        _keep_records_before(directory / "metrics.jsonl", start_step)
         self.jsonl = open(directory / "metrics.jsonl", "a", buffering=1)
         if use_tensorboard:
             try:

@@ -60,6 +60,10 @@ def train_run(cfg, *, info: dist.DistInfo, device, stop: dist.StopOnSignal) -> T
             logger.log_final(final_metrics, step=state.step)
     finally:
         logger.close()
+    skipped = getattr(run.loader, "skipped", {})  # the torchvision and DALI loaders count unreadable files
+    if skipped:
+        notice(f"{len(skipped)} unreadable image(s) skipped {sum(skipped.values())} time(s) in all, each replaced "
+               "by the next readable one (named in the warnings above)")
     if stopped:
         notice(f"stopped by a signal at step {state.step} with a checkpoint in {run.checkpoint.directory}; "
                "the same command resumes")

@@ -22,7 +22,10 @@ set_epoch(epoch, start_batch) resumes exactly.
 Bad input: DALI stops the whole pipeline on an undecodable file, so the file list is checked
 first (loaders.images.check_images: a parallel PIL decode, JPEGs at 1/8 scale, formats DALI
 cannot decode rejected); skipped files are logged once with their names. This costs about
-one reduced decode per image at build time.
+one reduced decode per image at build time. A file that becomes unreadable after that check
+(replaced mid-run) stops the pipeline: the loader then checks the rest of the epoch's files,
+replaces each bad one by the next readable sample (as the reference loader does), counts it in
+`skipped`, and rebuilds the pipeline at the batch that failed; nothing already yielded changes.
 
 Differences from the torch augmentations (loaders.augment), documented rather than hidden:
 the four colour-jitter ops run in one fixed order (DALI's colour matrix) instead of a random
@@ -40,11 +43,13 @@ Tuning arguments of build_dali_loader (their defaults live in its signature):
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
 from loaders.batch import Batch
-from loaders.images import ImageList, check_images, list_samples
+from loaders.images import ImageList, check_images, list_samples, why_unreadable
 from loaders.blur import blur_half_width
 from loaders.recipe import CropAugmentation, MultiCropRecipe
 from loaders.sampler import EpochBatchSampler
@@ -60,6 +65,8 @@ except ImportError:
     DALI_IMPORT_ERROR = "the DALI backend needs `pip install fastssl[dali]` (nvidia-dali-cuda120)"
 else:
     DALI_IMPORT_ERROR = None
+
+log = logging.getLogger(__name__)
 
 # What DALI's image decoder reads, in PIL's format names (no GIF).
 DALI_FORMATS = frozenset({"JPEG", "PNG", "BMP", "TIFF", "PPM", "WEBP", "JPEG2000"})
@@ -208,6 +215,8 @@ class DALITrainLoader:
         self.device, self.dtype, self.channels_last = device, dtype, channels_last
         self.num_samples = len(images)
         self.epoch, self.start_batch = 0, 0
+        self.unreadable: set[int] = set()   # positions whose file failed to decode after the build-time check
+        self.skipped: dict[str, int] = {}   # {path: times found unreadable}, as the reference loader counts
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -217,12 +226,48 @@ class DALITrainLoader:
 
     def __iter__(self):
         self.sampler.set_epoch(self.epoch, 0)
-        positions = self.sampler.rank_indices()[self.start_batch * self.sampler.batch_size :]
-        if len(positions):
-            yield from self._run_epoch(positions)
+        batch_size = self.sampler.batch_size
+        positions = self._readable(self.sampler.rank_indices())
+        batch = self.start_batch
+        while batch * batch_size < len(positions):
+            try:
+                for item in self._run_epoch(positions[batch * batch_size:], start_batch=batch):
+                    yield item
+                    batch += 1
+            except RuntimeError as error:  # DALI stops on a file it cannot decode
+                replaced = self._skip_unreadable(positions[batch * batch_size:])
+                if not replaced:
+                    raise
+                positions = self._readable(positions)
         self.epoch, self.start_batch = self.epoch + 1, 0
 
-    def _run_epoch(self, positions: np.ndarray):
+    def _readable(self, positions: np.ndarray) -> np.ndarray:
+        """``positions`` with each known-unreadable one replaced by the next readable sample (wrapping)."""
+        out = np.array(positions, copy=True)
+        for i, position in enumerate(out):
+            candidate = int(position)
+            while candidate in self.unreadable:
+                candidate = (candidate + 1) % len(self.images)
+            out[i] = candidate
+        return out
+
+    def _skip_unreadable(self, positions: np.ndarray) -> int:
+        """Check the files at ``positions`` (and the replacements), log and count the unreadable ones."""
+        found = 0
+        for position in dict.fromkeys(int(p) for p in positions):
+            candidate = position
+            while candidate not in self.unreadable and why_unreadable(self.images.paths[candidate], DALI_FORMATS):
+                path = self.images.paths[candidate]
+                log.warning("skipping an unreadable image (replaced by the next readable one): %s", path)
+                self.skipped[path] = self.skipped.get(path, 0) + 1
+                self.unreadable.add(candidate)
+                found += 1
+                if len(self.unreadable) == len(self.images):
+                    raise ValueError(f"DALI loader: not one of {len(self.images)} files can be decoded any more")
+                candidate = (candidate + 1) % len(self.images)
+        return found
+
+    def _run_epoch(self, positions: np.ndarray, *, start_batch: int):
         batch_size = self.sampler.batch_size
         pipe = multicrop_pipeline(
             files=[self.images.paths[p] for p in positions],
@@ -230,7 +275,7 @@ class DALITrainLoader:
             # One augmentation stream per (seed, epoch, rank, start): a resumed epoch differs only
             # in its random draws, never in its samples.
             seed=int(np.random.SeedSequence([self.pipeline_args["seed"], self.epoch, self.sampler.rank,
-                                             self.start_batch]).generate_state(1)[0] >> 1),
+                                             start_batch]).generate_state(1)[0] >> 1),
             **{k: v for k, v in self.pipeline_args.items() if k != "seed"},
         )
         try:

@@ -203,7 +203,7 @@ def _read_file_list(list_file: Path) -> tuple[list[str], list[int]]:
     return paths, labels
 
 
-def _check_one(path: str, formats: frozenset[str] | None) -> str | None:
+def why_unreadable(path: str, formats: frozenset[str] | None = None) -> str | None:
     """None when `path` decodes (in one of `formats`, PIL's names; None: any), else why not."""
     try:
         with Image.open(path) as image:
@@ -234,7 +234,7 @@ def check_images(
     formats: accepted PIL format names (e.g. what DALI decodes); None accepts any PIL reads.
     Raises DatasetError when nothing is decodable.
     """
-    check = functools.partial(_check_one, formats=formats)
+    check = functools.partial(why_unreadable, formats=formats)
     with multiprocessing.get_context("fork").Pool(max(1, num_workers), initializer=_lift_pixel_limit) as pool:
         reasons = pool.imap(check, images.paths, chunksize=64)
         if progress:
