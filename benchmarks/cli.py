@@ -4,6 +4,7 @@
     fastssl-bench kernels [options]   NPID step and k-means against straightforward baselines
     fastssl-bench comm [options]      bytes per collective and expected scaling efficiency (on paper)
     fastssl-bench train [options]     the training step of a config, broken down, beside a bare loop
+    fastssl-bench switches [options]  what each speed switch buys (channels_last, compile, workers, backends)
     fastssl-bench faults [options]    the fault harness: kill -9, damaged checkpoints, a full disk, SIGTERM, a dying
                                       rank, unreadable images, a config fuzz, against the real fastssl-train
 """
@@ -13,7 +14,8 @@ import importlib
 import sys
 
 COMMANDS = {"loader": "benchmarks.loader", "kernels": "benchmarks.kernels", "comm": "benchmarks.comm_volume",
-            "train": "benchmarks.train_step", "faults": "benchmarks.faults"}
+            "train": "benchmarks.train_step", "faults": "benchmarks.faults",
+            "switches": "benchmarks.switches"}
 
 
 def main(argv: list[str] | None = None) -> int:

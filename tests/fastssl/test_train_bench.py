@@ -23,3 +23,19 @@ def test_breakdown_adds_up_and_the_json_line_has_the_figures(capsys):
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["benchmark"] == "train" and record["figures"]["method"] == "nce_loss_with_memory"
     assert "loop_overhead" in record["figures"] and record["commit"]
+
+
+def test_switches_runs_each_variant_beside_the_config_as_it_is(capsys):
+    from benchmarks.switches import main as switches
+
+    assert switches(["--config", "pretrain/npid/npid_1node_cpu_resnet18", "--warmup", "1", "--steps", "2",
+                     "--no-defaults", "--variant", "channels_last=config.MODEL.CHANNELS_LAST=True",
+                     "--variant", "no such backend=config.DATA.TRAIN.LOADER=nonexistent", *TINY,
+                     "config.LOSS.nce_loss_with_memory.negative_sampling_params.num_negatives=8"]) == 0
+    out = capsys.readouterr().out
+    record = json.loads(out.strip().splitlines()[-1])
+    rows = {row["variant"]: row for row in record["rows"]}
+    assert set(rows) == {"as configured", "channels_last", "no such backend"}
+    assert rows["channels_last"]["images_per_s"] > 0 and rows["channels_last"]["overrides"] == [
+        "config.MODEL.CHANNELS_LAST=True"]
+    assert "error" in rows["no such backend"] and "cannot run here" in out
