@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from fastssl.config import CONFIG_DIR, RANGES, compose_config
+from fastssl.config import CONFIG_DIR, RANGES, ROOT_DEFAULTS, compose_config
 
 KINDS = ("misspelt", "transform", "head", "type", "range", "crop_scale", "crop_count", "loss_name")
 
@@ -94,6 +94,16 @@ def _leaves(node, prefix: str = ""):
             yield from _leaves(value, path + ".")
 
 
+def _default_at(path: str):
+    """The default of a dotted key in defaults.yaml (None where it has none)."""
+    node = ROOT_DEFAULTS
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
 class MutationMaker:
     """Draws mutations of one seed's composed config."""
 
@@ -144,7 +154,9 @@ class MutationMaker:
         return self._mutation("head", "MODEL.HEAD.PARAMS", heads, bad)
 
     def _type(self):
-        typed = [(p, v) for p, v in self.paths if isinstance(v, (bool, int, float, str, list)) and v is not None]
+        # The declared type is the default's (defaults.yaml): a seed may write -1 for a float key.
+        typed = [(p, _default_at(p)) for p, _ in self.paths]
+        typed = [(p, v) for p, v in typed if isinstance(v, (bool, int, float, str, list)) and v is not None]
         path, value = self.rng.choice(typed)
         if isinstance(value, bool):
             wrong = self.rng.choice(["[1, 2]", "maybe", "{a: 1}"])

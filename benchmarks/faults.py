@@ -222,8 +222,8 @@ def one_line_error(stderr: str) -> str:
 def kill9(h: Harness, trials: int, *, ranks: int = 1) -> Result:
     result = Result(f"kill9{'_2ranks' if ranks == 2 else ''}",
                     f"kill -9 of the {'launcher (its workers must follow within 5 s)' if ranks == 2 else 'run'} at a "
-                    f"random step, the same command again: all {STEPS} steps logged once with an uninterrupted run's losses, "
-                    "final weights equal")
+                    f"random step, the same command again: all {STEPS} steps logged once with an uninterrupted run's "
+                    "losses, final weights equal")
     reference, seconds = h.reference(ranks), []
     for _ in range(trials):
         directory, step = h.fresh(result.scenario), h.rng.randrange(1, STEPS)
@@ -385,7 +385,7 @@ def sigterm(h: Harness, trials: int) -> Result:
                     f"the same command: all {STEPS} steps logged once with an uninterrupted run's losses")
     reference = h.reference()
     for _ in range(trials):
-        directory, step = h.fresh("sigterm"), h.rng.randrange(1, STEPS - 1)
+        directory, step = h.fresh("sigterm"), h.rng.randrange(1, STEPS - 2)  # the signal lands before the end
         process = h.start(h.command(directory))
         reached = wait_for_step(directory, step, process)
         time.sleep(h.rng.uniform(0.0, 0.3))
@@ -511,7 +511,8 @@ SCENARIOS = {
     "kill9": lambda h, n, f: kill9(h, n), "kill9_2ranks": lambda h, n, f: kill9(h, n, ranks=2),
     "kill_in_save": lambda h, n, f: kill_in_save(h, max(1, n // 3)), "damaged": lambda h, n, f: damaged(h, 4),
     "full_disk": lambda h, n, f: full_disk(h, max(1, n // 5)), "sigterm": lambda h, n, f: sigterm(h, n),
-    "dying_rank": lambda h, n, f: dying_rank(h, max(1, n // 3)), "unreadable": lambda h, n, f: unreadable(h, 1),
+    "dying_rank": lambda h, n, f: dying_rank(h, max(1, n // 3)),
+    "unreadable": lambda h, n, f: unreadable(h, max(1, n // 5)),
     "fuzz": lambda h, n, f: fuzz(h, f),
 }
 
@@ -519,7 +520,7 @@ SCENARIOS = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastssl-bench faults", description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=10, help="trials of kill9, kill9_2ranks and sigterm "
-                        "(kill_in_save and dying_rank a third, full_disk a fifth)")
+                        "(kill_in_save and dying_rank a third, full_disk and unreadable (per backend) a fifth)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated scenarios")
     parser.add_argument("--fuzz", type=int, default=240, help="config mutations")

@@ -37,7 +37,8 @@ DEFAULT_VARIANTS = [
 def _parse_variant(text: str) -> tuple[str, list[str]]:
     name, _, overrides = text.partition("=")
     if not overrides.startswith("config."):
-        raise argparse.ArgumentTypeError(f"--variant takes 'NAME=config.KEY=value [config.KEY=value ...]', got {text!r}")
+        raise argparse.ArgumentTypeError(f"--variant takes 'NAME=config.KEY=value [config.KEY=value ...]', "
+                                         f"got {text!r}")
     return name, shlex.split(overrides)
 
 

@@ -18,6 +18,7 @@ import logging
 import math
 import multiprocessing
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -220,10 +221,15 @@ def why_unreadable(path: str, formats: frozenset[str] | None = None) -> str | No
         return f"{type(error).__name__}: {message}"[:200]
 
 
-def _lift_pixel_limit() -> None:
-    # Pool initializer: load_rgb applies its own size policy; PIL's bomb check would refuse
+def _check_worker_init() -> None:
+    # Pool initializer. load_rgb applies its own size policy; PIL's bomb check would refuse
     # large JPEGs that the draft decode reads cheaply. Only this worker process is affected.
     Image.MAX_IMAGE_PIXELS = None
+    # A forked worker inherits fastssl-train's SIGTERM / SIGUSR1 handler (dist.StopOnSignal), which only
+    # records the signal: Pool.terminate's SIGTERM would then leave a worker blocked on the task queue's lock
+    # and the pool's join hanging for ever (seen in the fault harness). Workers die on it, as by default.
+    for number in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(number, signal.SIG_DFL)
 
 
 def check_images(
@@ -235,13 +241,15 @@ def check_images(
     Raises DatasetError when nothing is decodable.
     """
     check = functools.partial(why_unreadable, formats=formats)
-    with multiprocessing.get_context("fork").Pool(max(1, num_workers), initializer=_lift_pixel_limit) as pool:
+    with multiprocessing.get_context("fork").Pool(max(1, num_workers), initializer=_check_worker_init) as pool:
         reasons = pool.imap(check, images.paths, chunksize=64)
         if progress:
             from tqdm import tqdm
 
             reasons = tqdm(reasons, total=len(images), desc="checking images", unit="img")
         reasons = list(reasons)
+        pool.close()  # the workers take their end-of-work marker and exit; terminate() is left for errors
+        pool.join()
     keep = np.array([reason is None for reason in reasons], dtype=bool)
     skipped = [f"{path} ({reason})" for path, reason in zip(images.paths, reasons) if reason is not None]
     if skipped:
