@@ -14,7 +14,7 @@ A mutation is one extra ``config.KEY=VALUE`` word after a seed's ``config=...``,
 
 Every mutation goes through fastssl-train's own ``main`` with ``--cfg job`` (compose, validate and check the
 whole job without training: the same checks a training command runs before it starts a process), in this
-process for speed; ``--subprocess N`` also runs N of them as real ``fastssl-train`` commands that would train.
+process for speed (tests/fastssl/test_train_cli.py runs the console script itself on a misspelt key).
 Each unmutated seed must pass the same check (otherwise the fuzz would prove nothing).
 """
 from __future__ import annotations
@@ -24,7 +24,6 @@ import io
 import random
 import string
 from dataclasses import dataclass
-from pathlib import Path
 
 import yaml
 
@@ -280,16 +279,3 @@ def fuzz(count: int, *, seed: int) -> tuple[list[Outcome], list[str]]:
     bad_seeds = [s for s in seed_recipes() if run_in_process([f"config={s}"])[0] != 0]
     outcomes = [judge(m, *run_in_process(m.argv())) for m in draw_mutations(count, seed=seed)]
     return outcomes, bad_seeds
-
-
-def run_as_command(mutation: Mutation, *, timeout_s: float, workdir: Path) -> Outcome:
-    """A mutation as a real fastssl-train training command (no --cfg job), sized for a CPU should it start."""
-    import subprocess
-    import sys
-
-    argv = [sys.executable, "-m", "fastssl.train", *mutation.argv(), f"config.CHECKPOINT.DIR={workdir}"]
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return Outcome(mutation, -1, "", False, f"still running after {timeout_s:.0f} s (it trained)")
-    return judge(mutation, done.returncode, done.stderr)

@@ -139,7 +139,7 @@ def resolve_head_params(cfg: DictConfig, *, quiet: bool = False) -> list:
         name, kwargs = head_params[-1]
         head_params = [*head_params[:-1], [name, {**kwargs, "dims": [*kwargs["dims"][:-1], embedding_dim]}]]
         if not quiet:
-                notice(f"MODEL.HEAD.PARAMS[-1] output dim set to LOSS.{cfg.LOSS.name}.memory_params.embedding_dim "
+            notice(f"MODEL.HEAD.PARAMS[-1] output dim set to LOSS.{cfg.LOSS.name}.memory_params.embedding_dim "
                    f"{embedding_dim}")
     return head_params
 
@@ -171,9 +171,9 @@ def preflight(cfg: DictConfig) -> None:
         build_run_model(cfg, head_params=head_params, on_meta=True)
         if feature_eval(cfg):
             check_feature_eval(cfg, head_params=head_params)
+    except ConfigError:
+        raise
     except (ValueError, TypeError) as error:
-        if isinstance(error, ConfigError):
-            raise
         raise ConfigError(str(error).splitlines()[0] if str(error) else type(error).__name__) from None
 
 
