@@ -168,7 +168,8 @@ def preflight(cfg: DictConfig) -> None:
     try:
         recipe(cfg)
         head_params = resolve_head_params(cfg, quiet=True)
-        build_run_model(cfg, head_params=head_params, on_meta=True)
+        head_lr_scales(build_run_model(cfg, head_params=head_params, on_meta=True),
+                       list(cfg.OPTIMIZER.head_lr_multipliers))
         if feature_eval(cfg):
             check_feature_eval(cfg, head_params=head_params)
     except ConfigError:
@@ -307,7 +308,20 @@ def build_optimizer_for(cfg: DictConfig, model: torch.nn.Module):
                            larc_clip=optim_cfg.larc_config.clip,
                            larc_trust_coefficient=optim_cfg.larc_config.trust_coefficient,
                            larc_eps=optim_cfg.larc_config.eps, eta=optim_cfg.eta,
-                           exclude_bias_and_norm=optim_cfg.exclude_bias_and_norm)
+                           exclude_bias_and_norm=optim_cfg.exclude_bias_and_norm,
+                           lr_scales=head_lr_scales(model, list(optim_cfg.head_lr_multipliers)))
+
+
+def head_lr_scales(model: torch.nn.Module, multipliers: list) -> dict[int, float]:
+    """OPTIMIZER.head_lr_multipliers: id(parameter) -> multiplier of the LR for each head's parameters
+    (one entry per MODEL.HEAD.PARAMS entry; empty: every head follows the schedule)."""
+    if not multipliers:
+        return {}
+    heads = list(model.heads)
+    if len(multipliers) != len(heads) or not all(isinstance(m, (int, float)) and m > 0 for m in multipliers):
+        raise ValueError(f"config.OPTIMIZER.head_lr_multipliers must be [] or {len(heads)} positive numbers, one per "
+                         f"MODEL.HEAD.PARAMS entry, got {multipliers}")
+    return {id(param): float(m) for head, m in zip(heads, multipliers) for param in head.parameters()}
 
 
 # ---------------- the whole run --------------------------------------------------------------------

@@ -128,8 +128,8 @@ def train(*, model: nn.Module, trained_model: nn.Module, method: Method, optimiz
             if batch is None:
                 break
             step = state.step
-            for group in optimizer.param_groups:
-                group["lr"] = float(settings.lr_schedule[step])  # a plain float in the checkpoint
+            for group in optimizer.param_groups:  # a plain float in the checkpoint; lr_scale: the head's multiplier
+                group["lr"] = float(settings.lr_schedule[step]) * group.get("lr_scale", 1.0)
 
             # ---------------- the method's step, backward, optimizer ---------------------------
             with autocast:

@@ -11,13 +11,16 @@ _NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.
 
 
 def parameter_groups(model: nn.Module, *, weight_decay: float, regularize_bn: bool, regularize_bias: bool,
-                     exclude_bias_and_norm: bool) -> list[dict]:
-    """Split parameters as VISSL does: weight-decayed or not (regularize_bn / regularize_bias), and for
-    LARS adapted or not (exclude_bias_and_norm: biases and normalisation layers keep their plain step).
+                     exclude_bias_and_norm: bool, lr_scales: dict[int, float] | None = None) -> list[dict]:
+    """Split parameters as VISSL does: weight-decayed or not (regularize_bn / regularize_bias), for
+    LARS adapted or not (exclude_bias_and_norm: biases and normalisation layers keep their plain step),
+    and by LR multiplier (``lr_scales``: id(parameter) -> multiplier of the scheduled LR, 1 if absent).
 
-    Returns param groups for torch.optim.SGD or LARS; each carries an ``adapt`` flag (read by LARS).
+    Returns param groups for torch.optim.SGD or LARS; each carries an ``adapt`` flag (read by LARS) and
+    an ``lr_scale`` (read by the loop, which sets the group's LR to the schedule's value times it).
     """
-    groups: dict[tuple[bool, bool], list] = {}
+    lr_scales = lr_scales or {}
+    groups: dict[tuple[bool, bool, float], list] = {}
     seen = set()
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
@@ -28,10 +31,12 @@ def parameter_groups(model: nn.Module, *, weight_decay: float, regularize_bn: bo
             is_bias = name == "bias"
             decayed = not ((is_bn and not regularize_bn) or (is_bias and not regularize_bias))
             adapted = not (exclude_bias_and_norm and (is_bn or is_bias))
-            groups.setdefault((decayed, adapted), []).append(param)
-    order = [(True, True), (False, True), (True, False), (False, False)]
-    return [{"params": groups.get(key, []), "weight_decay": weight_decay if key[0] else 0.0, "adapt": key[1]}
-            for key in order if key in groups or key == (True, True)]
+            groups.setdefault((decayed, adapted, float(lr_scales.get(id(param), 1.0))), []).append(param)
+    flags = [(True, True), (False, True), (True, False), (False, False)]
+    order = [(*flag, scale) for scale in sorted({key[2] for key in groups} | {1.0}) for flag in flags]
+    return [{"params": groups.get(key, []), "weight_decay": weight_decay if key[0] else 0.0, "adapt": key[1],
+             "lr_scale": key[2]}
+            for key in order if key in groups or key == (True, True, 1.0)]
 
 
 class LARS(torch.optim.Optimizer):
@@ -130,16 +135,18 @@ class LARC:
 
 def build_optimizer(model: nn.Module, *, name: str, momentum: float, nesterov: bool, weight_decay: float,
                     regularize_bn: bool, regularize_bias: bool, use_larc: bool, larc_clip: bool,
-                    larc_trust_coefficient: float, larc_eps: float, eta: float, exclude_bias_and_norm: bool):
+                    larc_trust_coefficient: float, larc_eps: float, eta: float, exclude_bias_and_norm: bool,
+                    lr_scales: dict[int, float] | None = None):
     """SGD (optionally wrapped in LARC, VISSL's SwAV recipes) or LARS (BYOL) over VISSL's parameter groups.
-    The LR is set per step by the loop."""
+    The LR is set per step by the loop (times each group's ``lr_scale``, from ``lr_scales``)."""
     if name not in ("sgd", "lars"):
         raise ValueError(f"config.OPTIMIZER.name {name!r} is not supported (sgd, with use_larc for LARC; lars)")
     if name == "sgd" and exclude_bias_and_norm:
         raise ValueError("config.OPTIMIZER.exclude_bias_and_norm applies to lars (sgd excludes with regularize_bn / "
                          "regularize_bias, LARC adapts every parameter)")
     groups = parameter_groups(model, weight_decay=weight_decay, regularize_bn=regularize_bn,
-                              regularize_bias=regularize_bias, exclude_bias_and_norm=exclude_bias_and_norm)
+                              regularize_bias=regularize_bias, exclude_bias_and_norm=exclude_bias_and_norm,
+                              lr_scales=lr_scales)
     if name == "lars":
         if use_larc or nesterov:
             raise ValueError("config.OPTIMIZER.name lars takes neither use_larc nor nesterov")

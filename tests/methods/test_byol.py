@@ -210,3 +210,33 @@ def test_seed_recipe_resolves_to_the_papers_asymmetric_views():
     assert (first.blur_p, second.blur_p) == pytest.approx((1.0, 0.1))
     assert (first.solarize_p, second.solarize_p) == pytest.approx((0.0, 0.2))
     assert recipe.crop_sizes == [224, 224] and recipe.mean == pytest.approx((0.485, 0.456, 0.406))
+
+
+def test_head_lr_multipliers_scale_each_heads_lr_and_resume_takes_the_configs(tmp_path, capsys):
+    """OPTIMIZER.head_lr_multipliers: the predictor's groups step at 10x the scheduled LR (LARS exclusions
+    kept per multiplier); a resumed run uses the config's multipliers, not the checkpoint's."""
+    command = CPU + ["config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=8", f"config.CHECKPOINT.DIR={tmp_path}"]
+    assert main(command + ["config.OPTIMIZER.head_lr_multipliers=[1,10]", "config.OPTIMIZER.num_epochs=1"]) == 0
+    saved = load_checkpoint(latest_checkpoint(tmp_path))
+    groups = saved["optimizer"]["param_groups"]
+    cfg = compose_config(command + ["config.OPTIMIZER.num_epochs=1"])
+    head_params = resolve_head_params(cfg, quiet=True)
+    model = build_run_model(cfg, head_params=head_params)
+    predictor = len(list(model.heads[1].parameters()))
+    scaled = [g for g in groups if g["lr_scale"] == 10.0]
+    assert sum(len(g["params"]) for g in scaled) == predictor
+    assert {g["adapt"] for g in scaled} == {True, False}  # its biases and BatchNorm stay excluded
+    base = next(g["lr"] for g in groups if g["lr_scale"] == 1.0)
+    assert base > 0 and all(g["lr"] == pytest.approx(10 * base) for g in scaled)
+    # Resumed for a second epoch with another multiplier: the config's value is the one used.
+    assert main(command + ["config.OPTIMIZER.head_lr_multipliers=[1,3]"]) == 0
+    resumed = load_checkpoint(latest_checkpoint(tmp_path))
+    assert resumed["step"] > saved["step"]
+    base = next(g["lr"] for g in resumed["optimizer"]["param_groups"] if g["lr_scale"] == 1.0)
+    assert [g["lr"] for g in resumed["optimizer"]["param_groups"] if g["lr_scale"] != 1.0] == \
+        pytest.approx([3 * base] * len(scaled))
+    # A wrong length is a one-line error before anything runs.
+    capsys.readouterr()
+    assert main(command + ["config.OPTIMIZER.head_lr_multipliers=[10]", "--cfg", "job"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "head_lr_multipliers" in error[0] and "2 positive numbers" in error[0]
