@@ -10,7 +10,8 @@ data (waiting for the loader), forward, loss (the method's step minus the forwar
 optimizer and the method's hooks (before/after the optimizer step); on a GPU the device is synchronised
 at each boundary for the breakdown, so the end-to-end figure comes from a second, unsynchronised pass.
 Beside it, the same model, crops and batch in a bare loop (random tensors already on the device,
-forward, the mean of the outputs as the loss, backward, a plain SGD step) is the compute ceiling:
+forward, the mean of the outputs as the loss, backward, a plain SGD step), half of its steps just before
+fastssl's loop and half just after (a drifting machine moves both alike), is the compute ceiling:
 
     loop overhead = (fastssl step - its data wait - bare step) / bare step,   end to end = images/s ratio.
 
@@ -110,8 +111,10 @@ class StopAfter:
         return self.calls >= self.steps
 
 
-def fastssl_steps(argv: list[str], *, warmup: int, steps: int, sync: bool) -> tuple[list[dict], dict]:
-    """Per-step timings of fastssl's loop for ``argv`` (the fastssl-train grammar) and the run's settings."""
+def fastssl_steps(argv: list[str], *, warmup: int, steps: int, sync: bool,
+                  before=None) -> tuple[list[dict], dict]:
+    """Per-step timings of fastssl's loop for ``argv`` (the fastssl-train grammar) and the run's settings.
+    ``before(settings)``, if given, runs once the run is built, just before its loop (the bare loop's first half)."""
     with tempfile.TemporaryDirectory() as directory:
         cfg = compose_config(argv + [f"config.CHECKPOINT.DIR={directory}", "config.CHECKPOINT.AUTO_RESUME=False",
                                      "config.HOOKS.TENSORBOARD_SETUP.USE_TENSORBOARD=False", "config.LOG_FREQUENCY=1000"])
@@ -130,6 +133,12 @@ def fastssl_steps(argv: list[str], *, warmup: int, steps: int, sync: bool) -> tu
         run.method.after_step = timers.timed("hooks", run.method.after_step)
         original_step = engine.optimizer_step
         engine.optimizer_step = timers.timed("backward_and_step", original_step)
+        settings = {"batch_size": run.derived.batch_size_per_replica, "crop_sizes": run.derived.crop_sizes,
+                    "autocast": str(run.settings.autocast_dtype), "device": device, "cfg": cfg,
+                    "head_params": run.checkpoint.extra_state["head_params"], "loader": cfg.DATA.TRAIN.LOADER,
+                    "method": cfg.LOSS.name}
+        if before is not None:
+            before(settings)
         run.method.on_train_start(model=run.model, loader=run.loader, fresh_start=True)
         logger = RunLogger(directory=directory, enabled=False, use_tensorboard=False, progress_bar=False,
                            total_steps=run.derived.total_iterations, start_step=0)
@@ -139,10 +148,6 @@ def fastssl_steps(argv: list[str], *, warmup: int, steps: int, sync: bool) -> tu
                          settings=run.settings, checkpoint=run.checkpoint, logger=logger)
         finally:
             engine.optimizer_step = original_step
-        settings = {"batch_size": run.derived.batch_size_per_replica, "crop_sizes": run.derived.crop_sizes,
-                    "autocast": str(run.settings.autocast_dtype), "device": device, "cfg": cfg,
-                    "head_params": run.checkpoint.extra_state["head_params"], "loader": cfg.DATA.TRAIN.LOADER,
-                    "method": cfg.LOSS.name}
     return [_parts(step) for step in timers.steps[warmup:warmup + steps]], settings
 
 
@@ -207,12 +212,22 @@ def main(argv: list[str] | None = None) -> dict:
     config = args.config or (GPU_CONFIG if torch.cuda.is_available() else CPU_CONFIG)
     command_line = [f"config={config}", *(GPU_OVERRIDES if config == GPU_CONFIG else []), *args.overrides]
 
-    breakdown, settings = fastssl_steps(command_line, warmup=args.warmup, steps=args.steps, sync=True)
+    # The bare loop runs half before and half after fastssl's loop (in the same process, the run built), so
+    # that a machine whose speed drifts (a VM's steal time) moves both alike; both halves are reported.
+    bare_before: list[float] = []
+    half = max(1, args.steps // 2)
+
+    def run_bare_before(settings: dict) -> None:
+        bare_before.extend(bare_steps(settings, warmup=args.warmup, steps=half))
+
+    breakdown, settings = fastssl_steps(command_line, warmup=args.warmup, steps=args.steps, sync=True,
+                                        before=run_bare_before)
     if settings["device"].type == "cuda":  # the breakdown synchronised the device; time the real overlap too
         end_to_end, _ = fastssl_steps(command_line, warmup=args.warmup, steps=args.steps, sync=False)
     else:
         end_to_end = breakdown
-    bare = bare_steps(settings, warmup=args.warmup, steps=args.steps)
+    bare_after = bare_steps(settings, warmup=args.warmup, steps=max(1, args.steps - half))
+    bare = bare_before + bare_after
     batch = settings["batch_size"]
     median = {part: statistics.median(step[part] for step in breakdown) for part in (*PARTS, "total")}
     step_time = statistics.median(step["total"] for step in end_to_end)
@@ -223,6 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
         "crop_sizes": settings["crop_sizes"], "autocast": settings["autocast"],
         "seconds_per_step": step_time, "images_per_s": batch / step_time, "data_wait_share": data_wait / step_time,
         "breakdown_seconds": median, "bare_seconds_per_step": bare_time, "bare_images_per_s": batch / bare_time,
+        "bare_seconds_before_after": [statistics.median(bare_before), statistics.median(bare_after)],
         "loop_overhead": (step_time - data_wait - bare_time) / bare_time,
         "end_to_end_vs_bare": bare_time / step_time,
     }
@@ -246,7 +262,8 @@ def _print_table(figures: dict, *, config: str) -> None:
           f"crops {figures['crop_sizes']}, autocast {figures['autocast']}")
     print(f"{'':<28}{'s/step':>10}{'images/s':>11}")
     print(f"{'fastssl step':<28}{figures['seconds_per_step']:>10.4f}{figures['images_per_s']:>11.1f}")
-    print(f"{'bare loop (ceiling)':<28}{figures['bare_seconds_per_step']:>10.4f}{figures['bare_images_per_s']:>11.1f}")
+    print(f"{'bare loop (ceiling)':<28}{figures['bare_seconds_per_step']:>10.4f}{figures['bare_images_per_s']:>11.1f}"
+          "   (median of {:.4f} before and {:.4f} after fastssl's loop)".format(*figures["bare_seconds_before_after"]))
     for part in PARTS:
         print(f"  {part:<26}{figures['breakdown_seconds'][part]:>10.4f}")
     print(f"data-wait share {figures['data_wait_share']:.1%}; loop overhead {figures['loop_overhead']:+.1%}; "
