@@ -20,6 +20,8 @@ def test_breakdown_adds_up_and_the_json_line_has_the_figures(capsys):
     assert sum(parts[part] for part in PARTS) <= parts["total"] * 1.05  # the rest is the loop's bookkeeping
     assert figures["bare_seconds_per_step"] > 0 and figures["images_per_s"] == pytest.approx(
         8 / figures["seconds_per_step"])
+    before, after = figures["bare_seconds_before_after"]  # the bare loop's halves around fastssl's loop
+    assert min(before, after) <= figures["bare_seconds_per_step"] <= max(before, after)
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["benchmark"] == "train" and record["figures"]["method"] == "nce_loss_with_memory"
     assert "loop_overhead" in record["figures"] and record["commit"]
