@@ -15,7 +15,9 @@ from benchmarks import faults
 
 VARIANTS = {"as is": {}, "as is, again": {}, "OMP_NUM_THREADS=1": {"OMP_NUM_THREADS": "1"},
             "ATEN_CPU_CAPABILITY=default": {"ATEN_CPU_CAPABILITY": "default"},
-            "ONEDNN_MAX_CPU_ISA=SSE41": {"ONEDNN_MAX_CPU_ISA": "SSE41"}}
+            "ONEDNN_MAX_CPU_ISA=SSE41": {"ONEDNN_MAX_CPU_ISA": "SSE41"},
+            # Every kernel library held to AVX2: on an AVX-512 machine, do the losses become an AVX2 machine's?
+            "pinned to AVX2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}}
 
 
 def main() -> int:
