@@ -223,12 +223,12 @@ class TrainingCheckpoint:
                               f"{shapes[1]} here")
 
     def _load(self, saved: dict, *, map_location) -> TrainState:
-        self.model.load_state_dict(saved["model"])
         scales = [group.get("lr_scale", 1.0) for group in self.optimizer.param_groups]
-        if len(saved["optimizer"]["param_groups"]) != len(scales):
+        if len(saved["optimizer"]["param_groups"]) != len(scales):  # checked before anything is loaded
             raise CheckpointError(f"the checkpoint's optimizer has {len(saved['optimizer']['param_groups'])} "
                                   f"parameter groups, this run's {len(scales)}: OPTIMIZER.head_lr_multipliers, "
                                   f"weight-decay or LARS exclusions differ from the run that saved it")
+        self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         for group, scale in zip(self.optimizer.param_groups, scales):  # the config's multipliers, not the saved ones
             group["lr_scale"] = scale

@@ -235,8 +235,15 @@ def test_head_lr_multipliers_scale_each_heads_lr_and_resume_takes_the_configs(tm
     base = next(g["lr"] for g in resumed["optimizer"]["param_groups"] if g["lr_scale"] == 1.0)
     assert [g["lr"] for g in resumed["optimizer"]["param_groups"] if g["lr_scale"] != 1.0] == \
         pytest.approx([3 * base] * len(scaled))
-    # A wrong length is a one-line error before anything runs.
+    # Resuming with another grouping (no multipliers: the predictor's groups merge into the trunk's) is a
+    # one-line error that leaves the checkpoints as they were.
+    before = sorted(p.name for p in tmp_path.glob("checkpoint_step*.torch"))
     capsys.readouterr()
+    assert main(command + ["config.OPTIMIZER.head_lr_multipliers=[]", "config.OPTIMIZER.num_epochs=3"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "parameter groups" in error and "head_lr_multipliers" in error
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_step*.torch")) == before
+    # A wrong length is a one-line error before anything runs.
     assert main(command + ["config.OPTIMIZER.head_lr_multipliers=[10]", "--cfg", "job"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "head_lr_multipliers" in error[0] and "2 positive numbers" in error[0]
