@@ -13,34 +13,10 @@ happens at crop resolution only, and the result is written straight into each gr
 output buffer (on the CPU, a recent batch's once nothing references it): normalised, in the
 training dtype, channels_last.
 
-Crop and resize (torchvision's RandomResizedCrop, antialiased, the recipe's interpolation):
-  CPU: one F.interpolate per crop on the uint8 image, with host-side boxes (no sync): torch's
-      uint8 resize kernel, so the crop equals TF.resized_crop(..., antialias=True), bilinear or
-      bicubic, 20x faster than roi_align's scalar CPU kernel.
-  Accelerators: one roi_align per crop group (sampling_ratio=-1: ceil(box / output) bilinear
-      samples per output pixel, a box filter that antialiases down-scaled crops). roi_align is
-      bilinear only: a bicubic recipe (interpolation 3) resizes bilinearly there.
-  Resize + CenterCrop (evaluation's deterministic crop): the centre box of the original image
-      that the two cut out, rounded to whole pixels, resized once (within a pixel of
-      torchvision's resize-then-crop).
-
-Colour (torchvision's ColorJitter with the recipe's ranges, its ops in a random order per image,
-then RandomGrayscale; SimCLR's colour distortion is one setting of them): brightness, contrast,
-saturation and grayscale are affine maps of RGB, and the hue shift is approximated by a rotation
-about the grey axis, so the whole distortion of one image composes into one 3x3 matrix and
-offset, applied in one pass with one final clamp. Where the colour transforms precede the crop
-in the recipe (colour_per_image, NPID's ColorJitter), each image draws once and its crops share
-the draw, contrast pivoting at the whole image's mean grey, as VISSL's jitter of the whole image.
-Two documented differences from torchvision's per-op definitions, both tested:
-  - hue: a rotation about the (1, 1, 1) axis, not HSV's hexcone; on photographs, for shifts up
-    to 0.2 turn, the mean absolute difference is <= 0.04 and the 99th percentile <= 0.15 (of
-    the [0, 1] range). A YIQ rotation, the other standard approximation, is about 2x further.
-  - clamping: once at the end, not after each op (values outside [0, 1] between ops, e.g. after
-    brightness 1.8, keep their excess until the final clamp).
-The single ops otherwise follow torchvision.transforms.functional (brightness, contrast and
-saturation blend with black, the mean grey level and the grey image; grey is ITU-R 601-2
-luma). Solarize is exact (invert >= 128/255); the blur is PIL's GaussianBlur (VISSL's
-ImgPilGaussianBlur) without its per-pass uint8 rounding, within 3/255 of PIL (loaders/blur.py).
+The crop and resize are loaders/resized_crop.py's and the colour distortion is loaders/colour.py's;
+each of those docstrings says how closely it follows torchvision. Solarize is exact (invert >=
+128/255); the blur is PIL's GaussianBlur (VISSL's ImgPilGaussianBlur) without its per-pass uint8
+rounding, within 3/255 of PIL (loaders/blur.py).
 """
 from __future__ import annotations
 
@@ -49,34 +25,20 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
-from torchvision.ops import roi_align
 
 from loaders.blur import blur_half_width, blur_rows
+from loaders.colour import apply_color, color_transform, draw_color_jitter, image_means
 from loaders.recipe import MultiCropRecipe
+from loaders.resized_crop import center_crop_boxes, crop_resize, sample_crop_boxes
 
-# torchvision's RandomResizedCrop tries this many (scale, ratio) draws before its fallback.
-_CROP_ATTEMPTS = 10
-_LUMA = (0.299, 0.587, 0.114)
 SOLARIZE_THRESHOLD = 128 / 255
 # CPU: rows per chunk, so that a chunk's float32 pixels take about 6 MiB (fewer, larger ops
 # measured faster than 1.5-3 MiB chunks that fit the 2 MiB L2 cache better).
 _CHUNK_PIXELS = 1 << 19
 # CPU: output buffers kept per crop group for reuse; a training loop holds one or two batches.
 _SPARE_OUTPUTS = 3
-
-
-class ColorDraws(NamedTuple):
-    """The random part of the colour distortion of n images, one row each."""
-
-    factors: torch.Tensor  # (n, 3) brightness, contrast, saturation factors
-    hue: torch.Tensor  # (n,) hue shift in turns
-    order: torch.Tensor  # (n, 4) permutation of the four ops (0 brightness .. 3 hue)
-    jittered: torch.Tensor  # (n,) bool: the jitter applies
-    greyed: torch.Tensor  # (n,) bool: grayscale applies
 
 
 @dataclass(frozen=True)
@@ -291,182 +253,11 @@ class DeviceMultiCrop:
                       out=out.view(-1, lanes))
 
 
-def crop_resize(images: torch.Tensor, boxes: torch.Tensor, *, image_index: torch.Tensor, flip: torch.Tensor,
-                size: int, interpolation: str) -> torch.Tensor:
-    """Cut boxes (n, 4) (x0, y0, x1, y1, integer valued) of images (B, 3, H, W) uint8, box r from
-    image image_index[r] (n,), resize each to size x size and mirror the rows where flip (n,) bool.
-    interpolation: 'bilinear' or 'bicubic' (the CPU's; accelerators resize bilinearly).
-    Returns (n, 3, size, size) channels_last, values in [0, 255] (uint8 on the CPU, float else)."""
-    if images.device.type == "cpu":
-        return _crop_resize_host(images, boxes, image_index=image_index, flip=flip, size=size, mode=interpolation)
-    return _crop_resize_batched(images, boxes, image_index=image_index, flip=flip, size=size)
-
-
-def _crop_resize_host(images: torch.Tensor, boxes: torch.Tensor, *, image_index: torch.Tensor, flip: torch.Tensor,
-                      size: int, mode: str) -> torch.Tensor:
-    out = torch.empty(boxes.shape[0], size, size, 3, dtype=images.dtype).permute(0, 3, 1, 2)
-    # sync: none, the tensors are host memory on the CPU.
-    for row, ((x0, y0, x1, y1), image, mirrored) in enumerate(
-        zip(boxes.int().tolist(), image_index.tolist(), flip.tolist())
-    ):
-        crop = images[image : image + 1, :, y0:y1, x0:x1]
-        crop = F.interpolate(crop, size=(size, size), mode=mode, antialias=True, align_corners=False)[0]
-        out[row] = crop.flip(-1) if mirrored else crop
-    return out
-
-
-def _crop_resize_batched(images: torch.Tensor, boxes: torch.Tensor, *, image_index: torch.Tensor,
-                         flip: torch.Tensor, size: int) -> torch.Tensor:
-    rois = torch.cat([image_index[:, None].to(boxes.dtype), boxes], dim=1)  # (n, 5)
-    x = roi_align(images.float(), rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-    return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x).contiguous(memory_format=torch.channels_last)
-
-
-def sample_crop_boxes(
-    sizes: torch.Tensor, *, scale: tuple[float, float], ratio: tuple[float, float], generator: torch.Generator
-) -> torch.Tensor:
-    """RandomResizedCrop boxes for every image at once (torchvision's algorithm, batched).
-
-    sizes: (n, 2) int (height, width). Returns (n, 4) float32 boxes (x0, y0, x1, y1) in pixels,
-    integer valued: area fraction in `scale`, aspect ratio w / h in `ratio` (log-uniform); the
-    first of 10 draws that fits, else a central crop at the nearest allowed ratio.
-    """
-    device = sizes.device
-    height, width = sizes[:, 0:1].float(), sizes[:, 1:2].float()  # (n, 1)
-    u = torch.rand(sizes.shape[0], _CROP_ATTEMPTS, 4, generator=generator, device=device)
-    target_area = height * width * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
-    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(log_low + (log_high - log_low) * u[..., 1])
-    crop_w = torch.round(torch.sqrt(target_area * aspect))
-    crop_h = torch.round(torch.sqrt(target_area / aspect))
-    fits = (crop_w > 0) & (crop_w <= width) & (crop_h > 0) & (crop_h <= height)  # (n, attempts)
-    first = fits.int().argmax(dim=1, keepdim=True)  # the first fitting draw (argmax returns the first max)
-    crop_w, crop_h = crop_w.gather(1, first), crop_h.gather(1, first)
-    top = torch.floor(u[..., 2].gather(1, first) * (height - crop_h + 1)).clamp(max=height - crop_h)
-    left = torch.floor(u[..., 3].gather(1, first) * (width - crop_w + 1)).clamp(max=width - crop_w)
-    # Fallback: the whole image, cut to the nearest allowed aspect ratio, centred.
-    in_ratio = width / height
-    fallback_w = torch.where(in_ratio > ratio[1], torch.round(height * ratio[1]), width)
-    fallback_h = torch.where(in_ratio < ratio[0], torch.round(width / ratio[0]), height)
-    has_fit = fits.any(dim=1, keepdim=True)
-    crop_w = torch.where(has_fit, crop_w, fallback_w)
-    crop_h = torch.where(has_fit, crop_h, fallback_h)
-    top = torch.where(has_fit, top, torch.div(height - fallback_h, 2, rounding_mode="floor"))
-    left = torch.where(has_fit, left, torch.div(width - fallback_w, 2, rounding_mode="floor"))
-    return torch.cat([left, top, left + crop_w, top + crop_h], dim=1)
-
-
-def center_crop_boxes(sizes: torch.Tensor, *, resize: int | None, size: int) -> torch.Tensor:
-    """The boxes that torchvision's Resize(resize) (short side; None: no resize) then
-    CenterCrop(size) cut out of each image, in the original image's pixels, rounded.
-
-    sizes: (n, 2) int (height, width). Returns (n, 4) float32 boxes (x0, y0, x1, y1).
-    """
-    height, width = sizes[:, 0:1].double(), sizes[:, 1:2].double()  # (n, 1)
-    if resize is None:
-        resized_h, resized_w = height, width
-    else:  # torchvision: the short side to resize, the long one to int(resize * long / short)
-        short = torch.minimum(height, width)
-        resized_h = torch.where(height <= width, float(resize), torch.floor(resize * height / short))
-        resized_w = torch.where(width <= height, float(resize), torch.floor(resize * width / short))
-    top = torch.round((resized_h - size) / 2)  # torchvision's int(round((h - size) / 2))
-    left = torch.round((resized_w - size) / 2)
-    box = torch.cat([left, top, left + size, top + size], dim=1) * torch.cat(
-        [resized_w / width, resized_h / height] * 2, dim=1).reciprocal()
-    limits = torch.cat([width, height, width, height], dim=1)
-    return torch.round(box).clamp(min=0).minimum(limits).float()
-
-
-def image_means(images: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-    """(B, 3) mean pixel of each image's valid (height, width) = sizes (B, 2) region of images
-    (B, 3, H, W) uint8 (the rest is padding), in [0, 255]."""
-    rows = torch.arange(images.shape[2], device=images.device)[None, :] < sizes[:, 0:1]  # (B, H)
-    columns = torch.arange(images.shape[3], device=images.device)[None, :] < sizes[:, 1:2]  # (B, W)
-    mask = (rows[:, :, None] & columns[:, None, :]).to(torch.float32)  # (B, H, W)
-    return torch.einsum("bchw,bhw->bc", images.float(), mask) / (sizes[:, 0] * sizes[:, 1])[:, None]
-
-
-def draw_color_jitter(ranges: torch.Tensor, *, jitter_p: torch.Tensor, gray_p: torch.Tensor,
-                      generator: torch.Generator) -> ColorDraws:
-    """The colour draws of n images: with probability jitter_p (n,), torchvision's ColorJitter
-    with its four ops in a random order per image, each factor uniform in its range; then
-    grayscale with probability gray_p (n,). ranges: (n, 4, 2) (min, max) of the brightness,
-    contrast and saturation factors and of the hue shift in turns (CropAugmentation's fields)."""
-    rows, device = ranges.shape[0], generator.device
-    u = torch.rand(rows, 4, generator=generator, device=device)
-    values = ranges[..., 0] + (ranges[..., 1] - ranges[..., 0]) * u  # (n, 4)
-    order = torch.rand(rows, 4, generator=generator, device=device).argsort(dim=1)  # a permutation per row
-    jittered = torch.rand(rows, generator=generator, device=device) < jitter_p
-    greyed = torch.rand(rows, generator=generator, device=device) < gray_p
-    return ColorDraws(factors=values[:, :3], hue=values[:, 3], order=order, jittered=jittered, greyed=greyed)
-
-
-def color_transform(draws: ColorDraws) -> tuple[torch.Tensor, torch.Tensor]:
-    """The colour distortion `draws` of n images as one affine map each, whose offset is linear
-    in the image's mean colour (contrast's pivot, the mean grey level, derives from it).
-
-    Returns (matrix (n, 3, 3), pivot (n, 3, 3)): the distorted pixel of an image of mean colour
-    mean_rgb (3,) in [0, 1] is clamp(matrix @ rgb + pivot @ mean_rgb, 0, 1).
-    """
-    rows, device = draws.hue.shape[0], draws.hue.device
-    identity = torch.eye(3, device=device).expand(rows, 3, 3)
-    grey = grey_matrix(device).expand(rows, 3, 3)
-    rotation = hue_matrix(draws.hue)
-    matrix, pivot = identity, torch.zeros(rows, 3, 3, device=device)
-    for position in range(4):
-        op = draws.order[:, position].view(rows, 1, 1)
-        factor = draws.factors.gather(1, draws.order[:, position : position + 1].clamp(max=2)).view(rows, 1, 1)
-        # Brightness and contrast scale by the factor; saturation blends with the grey image;
-        # contrast also adds (1 - factor) * the current mean grey level (torchvision's definitions),
-        # grey @ (matrix @ mean_rgb + offset): linear maps commute with the mean.
-        step = torch.where(op == 2, factor * identity + (1 - factor) * grey, factor * identity)
-        step = torch.where(op == 3, rotation, step)
-        shift = torch.where(op == 1, (1 - factor) * (grey @ (matrix + pivot)), 0.0)
-        matrix, pivot = step @ matrix, step @ pivot + shift
-    jittered = draws.jittered.view(rows, 1, 1)
-    matrix, pivot = torch.where(jittered, matrix, identity), torch.where(jittered, pivot, 0.0)
-    greyed = draws.greyed.view(rows, 1, 1)
-    return torch.where(greyed, grey @ matrix, matrix), torch.where(greyed, grey @ pivot, pivot)
-
-
-def apply_color(pixels: torch.Tensor, matrix: torch.Tensor, offset: torch.Tensor, *, out: torch.Tensor
-                ) -> torch.Tensor:
-    """matrix (n, 3, 3) @ rgb + offset (n, 3) for every pixel of pixels (n, P, 3), written to and
-    returned in out (n, P, 3) (contiguous).
-
-    k pixels at a time against the block-diagonal kron(I_k, matrix^T) (3k x 3k): with an inner
-    dimension of 3 a matmul runs at a few % of its speed; at 3k = 48 it is memory bound, and
-    the k-fold multiplies by zero cost less than the time they save (2x on the CPU).
-    """
-    rows, num_pixels, _ = pixels.shape
-    k = math.gcd(num_pixels, 16)
-    eye = torch.eye(k, device=pixels.device, dtype=pixels.dtype)
-    block = torch.einsum("ij,nab->niajb", eye, matrix.transpose(1, 2)).reshape(rows, 3 * k, 3 * k)
-    # bmm then add_: baddbmm would first copy the broadcast offset into out, a slower extra pass.
-    torch.bmm(pixels.view(rows, num_pixels // k, 3 * k), block, out=out.view(rows, num_pixels // k, 3 * k))
-    return out.view(rows, num_pixels // k, 3 * k).add_(offset.repeat(1, k)[:, None, :]).view(rows, num_pixels, 3)
-
-
 def _mean_pixel(pixels: torch.Tensor) -> torch.Tensor:
     """(n, 3) mean of pixels (n, P, 3): summed as rows of 16 pixels (48 wide, vectorised), not 3."""
     rows, num_pixels, _ = pixels.shape
     k = math.gcd(num_pixels, 16)
     return pixels.view(rows, num_pixels // k, 3 * k).sum(dim=1).view(rows, k, 3).sum(dim=1) / num_pixels
-
-
-def grey_matrix(device: torch.device | str) -> torch.Tensor:
-    """(3, 3): every output channel is the ITU-R 601-2 luma of the input."""
-    return torch.tensor(_LUMA, device=device).expand(3, 3)
-
-
-def hue_matrix(shift: torch.Tensor) -> torch.Tensor:
-    """(n, 3, 3) rotations of RGB about the grey axis (1, 1, 1) by shift (n,) turns: the hue
-    shift as a linear map (Rodrigues' formula). It approximates HSV's hue shift (the hexcone is
-    the RGB cube seen along that axis); see the module docstring for how closely."""
-    angle = 2 * math.pi * shift.view(-1, 1, 1)
-    cross = torch.tensor([[0.0, -1.0, 1.0], [1.0, 0.0, -1.0], [-1.0, 1.0, 0.0]], device=shift.device) / math.sqrt(3)
-    eye = torch.eye(3, device=shift.device)
-    return torch.cos(angle) * eye + (1 - torch.cos(angle)) / 3 + torch.sin(angle) * cross
 
 
 def solarize(x: torch.Tensor) -> torch.Tensor:

@@ -9,10 +9,11 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 
-from loaders import augment
-from loaders.augment import DeviceMultiCrop, sample_crop_boxes
+from loaders import augment, colour, resized_crop
+from loaders.augment import DeviceMultiCrop
 from loaders.blur import gaussian_blur
 from loaders.recipe import recipe_from_transforms
+from loaders.resized_crop import sample_crop_boxes
 
 
 def _generator(seed=0):
@@ -191,9 +192,9 @@ def _reference_color_distortion(x, *, strength, seed, clamp_each_op):
 def _distort(x, *, strength, seed):
     (jitter,) = _only([dict(name="ImgPilColorDistortion", strength=strength)]).augmentations
     ranges = torch.tensor([jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue]).expand(x.shape[0], 4, 2)
-    draws = augment.draw_color_jitter(ranges, jitter_p=torch.ones(x.shape[0]), gray_p=torch.zeros(x.shape[0]),
-                                      generator=_generator(seed))
-    matrix, pivot = augment.color_transform(draws)
+    draws = colour.draw_color_jitter(ranges, jitter_p=torch.ones(x.shape[0]), gray_p=torch.zeros(x.shape[0]),
+                                     generator=_generator(seed))
+    matrix, pivot = colour.color_transform(draws)
     offset = (pivot.double() @ x.mean(dim=(-2, -1)).double()[:, :, None])[..., 0]
     pixels = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, 3).double()
     out = (pixels @ matrix.double().transpose(1, 2) + offset[:, None]).clamp(0, 1)
@@ -219,15 +220,15 @@ def test_color_transform_stays_close_to_torchvision_on_photographs(photo):
 
 @pytest.mark.parametrize("shift", [-0.2, -0.05, 0.02, 0.13, 0.2])
 def test_hue_matrix_approximates_hsv_hue(photo, shift):
-    rotated = torch.einsum("ij,jhw->ihw", augment.hue_matrix(torch.tensor([shift]))[0], photo).clamp(0, 1)
+    rotated = torch.einsum("ij,jhw->ihw", colour.hue_matrix(torch.tensor([shift]))[0], photo).clamp(0, 1)
     difference = (rotated - TF.adjust_hue(photo, shift)).abs()
-    # The tolerance accepted in loaders.augment's docstring (measured <= 0.04 mean, <= 0.19 p99).
+    # The tolerance accepted in loaders.colour's docstring (measured <= 0.04 mean, <= 0.19 p99).
     assert difference.mean() < 0.05
     assert difference.flatten().quantile(0.99) < 0.25
 
 
 def test_hue_matrix_exact_cases():
-    matrices = augment.hue_matrix(torch.tensor([0.0, 1 / 3, 0.37]))
+    matrices = colour.hue_matrix(torch.tensor([0.0, 1 / 3, 0.37]))
     torch.testing.assert_close(matrices[0], torch.eye(3))
     # A third of a turn maps red to green and green to blue, as HSV's hue does.
     torch.testing.assert_close(matrices[1], torch.tensor([[0.0, 0, 1], [1, 0, 0], [0, 1, 0]]), atol=1e-6, rtol=0)
@@ -238,7 +239,7 @@ def test_hue_matrix_exact_cases():
 def test_grey_and_solarize_match_references(colour_batch):
     r, g, b = colour_batch.double().unbind(dim=1)
     luma = 0.299 * r + 0.587 * g + 0.114 * b  # ITU-R 601-2, float64
-    grey = torch.einsum("ij,njhw->nihw", augment.grey_matrix("cpu"), colour_batch)
+    grey = torch.einsum("ij,njhw->nihw", colour.grey_matrix("cpu"), colour_batch)
     torch.testing.assert_close(grey.double(), luma[:, None].expand_as(grey), atol=1e-6, rtol=0)
     expected_solarized = torch.stack([TF.solarize(image, 128 / 255) for image in colour_batch])
     assert torch.equal(augment.solarize(colour_batch), expected_solarized)
@@ -260,7 +261,7 @@ def test_host_crop_is_torchvision_resized_crop_and_batched_crop_is_close(photo):
     flip = torch.tensor([False, True, False])
     image_index = torch.tensor([0, 2, 1])
     for mode in ("bicubic", "bilinear"):  # RandomResizedCrop's interpolation 3 and 2
-        host = augment.crop_resize(images, boxes, image_index=image_index, flip=flip, size=32, interpolation=mode)
+        host = resized_crop.crop_resize(images, boxes, image_index=image_index, flip=flip, size=32, interpolation=mode)
         assert host.dtype == torch.uint8 and host.is_contiguous(memory_format=torch.channels_last)
         # The reference backend's crop: PIL's resize (torchvision on a PIL image), which torch's uint8
         # kernel follows within one level of rounding (torchvision's float tensor path, bicubic, does not).
@@ -270,7 +271,7 @@ def test_host_crop_is_torchvision_resized_crop_and_batched_crop_is_close(photo):
         expected[1] = expected[1].flip(-1)
         assert (host.int() - expected.int()).abs().max() <= 1, mode
     # The accelerators' roi_align path: another antialiasing filter, the same crops.
-    batched = augment._crop_resize_batched(images, boxes, image_index=image_index, flip=flip, size=32)
+    batched = resized_crop._crop_resize_batched(images, boxes, image_index=image_index, flip=flip, size=32)
     assert (batched - host.float()).abs().mean() < 4  # of 255
 
 
@@ -329,7 +330,7 @@ def test_apply_color_matches_a_float64_reference(num_pixels):
     pixels = torch.rand(3, num_pixels, 3, generator=generator) * 255
     matrix = torch.randn(3, 3, 3, generator=generator) / 255
     offset = torch.randn(3, 3, generator=generator)
-    out = augment.apply_color(pixels, matrix, offset, out=torch.empty(3, num_pixels, 3))
+    out = colour.apply_color(pixels, matrix, offset, out=torch.empty(3, num_pixels, 3))
     expected = torch.stack([torch.stack([m @ p + o for p in image]) for image, m, o in
                             zip(pixels.double(), matrix.double(), offset.double())])
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-6)
@@ -359,7 +360,7 @@ def test_colour_before_the_crop_pivots_at_the_whole_images_mean():
     images = torch.randint(0, 256, (3, 3, 20, 24), dtype=torch.uint8)
     sizes = torch.tensor([[20, 24], [10, 7], [16, 24]])
     expected = torch.stack([image[:, :h, :w].double().mean(dim=(1, 2)) for image, (h, w) in zip(images, sizes.tolist())])
-    torch.testing.assert_close(augment.image_means(images, sizes).double(), expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(colour.image_means(images, sizes).double(), expected, atol=1e-4, rtol=0)
     recipe = recipe_from_transforms([dict(name="ColorJitter", contrast=0.8), dict(
         name="ImgPilToMultiCrop", num_crops=[2, 3], size_crops=[8, 4], crop_scales=[[0.2, 1.0], [0.05, 0.2]])])
     multicrop = DeviceMultiCrop(recipe, dtype=torch.float32, device="cpu")
