@@ -71,7 +71,8 @@ def test_the_builder_only_dispatches_and_the_shared_modules_import_no_backend():
     assert {"loaders.dali", "loaders.ffcv", "loaders.folder"} <= graph["loaders.build"]
     backends = {"loaders.build", "loaders.folder", "loaders.dali", "loaders.ffcv", "loaders.convert"}
     for shared in ("loaders.images", "loaders.sampler", "loaders.sources", "loaders.cache", "loaders.recipe",
-                   "loaders.beton", "loaders.augment", "loaders.resized_crop", "loaders.colour"):
+                   "loaders.beton", "loaders.augment", "loaders.resized_crop", "loaders.colour",
+                   "loaders.transform_keys"):
         assert not graph[shared] & backends, f"{shared} imports {sorted(graph[shared] & backends)}"
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from loaders.recipe import TRANSFORM_KEYS, CropAugmentation, recipe_from_transforms
+from loaders.recipe import CropAugmentation, recipe_from_transforms
+from loaders.transform_keys import TRANSFORM_KEYS
 
 REPO = Path(__file__).resolve().parents[2]
 
