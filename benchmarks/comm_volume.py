@@ -28,7 +28,7 @@ import torch
 
 from benchmarks.kernels import git_commit, machine
 from fastssl.config import compose_config
-from fastssl.builder import build_run_model, resolve_head_params
+from fastssl.run_model import build_run_model, resolve_head_params
 
 NVLINK_BYTES_PER_S = 450e9
 IB_BYTES_PER_S = 50e9

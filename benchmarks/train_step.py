@@ -34,10 +34,11 @@ import torch
 import fastssl.engine as engine
 from benchmarks.kernels import git_commit, machine
 from fastssl import dist
-from fastssl.builder import build_run, build_run_model, select_device
+from fastssl.builder import build_run, select_device
 from fastssl.checkpoint import TrainState
 from fastssl.config import compose_config
 from fastssl.metrics import RunLogger
+from fastssl.run_model import build_run_model
 
 GPU_CONFIG, CPU_CONFIG = "pretrain/swav/swav_8node_resnet", "pretrain/swav/swav_1node_cpu_resnet18"
 # The seed recipe on one GPU: its model, crops and batch, on the built-in dataset.

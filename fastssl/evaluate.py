@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import train
-from .builder import build_eval_data, build_run_model, config_from_checkpoint, linear_eval_arguments
+from .builder import build_eval_data, config_from_checkpoint
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .config import ConfigError
+from .run_model import build_run_model, linear_eval_arguments
 
 
 @torch.no_grad()

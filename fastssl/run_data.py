@@ -1,6 +1,6 @@
 """The run's data and the values derived from it: loaders built from DATA.*, and ``derive`` (global batch,
 scaled LR schedule, iterations), also without data for ``fastssl-train --cfg job``. With fastssl/builder.py
-(which uses it) and fastssl/config.py, one of the modules that read the config.
+(which uses it), fastssl/run_model.py and fastssl/config.py, one of the modules that read the config.
 """
 from __future__ import annotations
 

@@ -2,8 +2,9 @@
 import torch
 from omegaconf import OmegaConf
 
-from fastssl.builder import build_method, config_from_checkpoint, derive, resolve_head_params, run_info
+from fastssl.builder import build_method, config_from_checkpoint, derive, run_info
 from fastssl.config import compose_config
+from fastssl.run_model import resolve_head_params
 
 
 def test_an_inferred_loss_key_set_in_a_config_is_replaced_with_a_notice(capfd):

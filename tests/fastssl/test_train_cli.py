@@ -9,7 +9,7 @@ import torch
 
 from fastssl.checkpoint import latest_checkpoint, load_checkpoint
 from fastssl.config import compose_config
-from fastssl.builder import build_run_model, resolve_head_params
+from fastssl.run_model import build_run_model, resolve_head_params
 from fastssl.train import main
 
 ROOT = Path(__file__).resolve().parents[2]

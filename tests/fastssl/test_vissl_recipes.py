@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 
 from fastssl.config import compose_config
 from fastssl.optim import precompute_schedule, scale_lr_schedule
-from fastssl.builder import build_method, derive, resolve_head_params, run_info
+from fastssl.builder import build_method, derive, run_info
+from fastssl.run_model import resolve_head_params
 from fastssl.train import main
 
 IMAGENET = 1281167

@@ -12,10 +12,10 @@ import torch
 import torchvision
 from torch import nn
 
-from fastssl.builder import build_run_model, resolve_head_params, weights_init_options
 from fastssl.checkpoint import rng_state, save_checkpoint
 from fastssl.config import compose_config
 from fastssl.export import main as export_main
+from fastssl.run_model import build_run_model, resolve_head_params, weights_init_options
 from fastssl.train import main as train_main
 from fastssl.weights import (change_prefixes, fastssl_name, load_initial_weights, read_weights_file, vissl_name)
 

@@ -7,13 +7,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from fastssl.builder import (build_method, build_run_model, check_feature_eval, derive, resolve_head_params,
-                             run_info, weights_init_options)
+from fastssl.builder import build_method, derive, run_info
 from fastssl.checkpoint import latest_checkpoint, load_checkpoint
 from fastssl.config import ConfigError, compose_config
 from fastssl.evaluate import main as eval_main
 from fastssl.methods.linear_eval import LinearEvaluation, topk_correct
 from fastssl.models import FeatureEvalModel, build_feature_eval_model
+from fastssl.run_model import build_run_model, check_feature_eval, resolve_head_params, weights_init_options
 from fastssl.train import main
 from loaders.batch import Batch
 from rank_harness import run_ranks

@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastssl.builder import build_method, build_run_model, derive, resolve_head_params, run_info
+from fastssl.builder import build_method, derive, run_info
 from fastssl.checkpoint import latest_checkpoint, load_checkpoint
 from fastssl.config import compose_config
+from fastssl.run_model import build_run_model, resolve_head_params
 from fastssl.train import main
 
 IMAGENET_SAMPLES = 1281167
