@@ -1,4 +1,4 @@
-"""Why a run's figures differ between machines: the fault harness's 12-step SwAV recipe (benchmarks/faults.py)
+"""Why a run's figures differ between machines: the fault harness's 12-step SwAV recipe (benchmarks/fault_harness.py)
 run as is, again, and with one kernel setting changed each time (thread count, ATen's and oneDNN's
 instruction set); prints the loss at the first and last step of each and where it first differs.
 
@@ -11,7 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks import faults
+from benchmarks.fault_harness import Harness, logged_losses
 
 VARIANTS = {"as is": {}, "as is, again": {}, "OMP_NUM_THREADS=1": {"OMP_NUM_THREADS": "1"},
             "ATEN_CPU_CAPABILITY=default": {"ATEN_CPU_CAPABILITY": "default"},
@@ -21,7 +21,7 @@ VARIANTS = {"as is": {}, "as is, again": {}, "OMP_NUM_THREADS=1": {"OMP_NUM_THRE
 
 
 def main() -> int:
-    harness = faults.Harness(Path(tempfile.mkdtemp(prefix="fastssl-repro-")), random.Random(0))
+    harness = Harness(Path(tempfile.mkdtemp(prefix="fastssl-repro-")), random.Random(0))
     losses = {}
     for name, env in VARIANTS.items():
         directory = harness.fresh("run")
@@ -29,7 +29,7 @@ def main() -> int:
         if done.status:
             print(f"{name}: exit {done.status}: {done.stderr.strip()[-500:]}", file=sys.stderr)
             return 1
-        losses[name] = [loss for _, loss in faults.logged_losses(directory)]
+        losses[name] = [loss for _, loss in logged_losses(directory)]
     base = losses["as is"]
     print(f"{'run':<30}{'step 0 loss':>16}{'last step loss':>16}  first step that differs from 'as is'")
     for name, values in losses.items():

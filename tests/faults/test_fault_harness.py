@@ -6,11 +6,12 @@ import random
 import pytest
 
 from benchmarks import faults
+from benchmarks.fault_harness import Harness, same_run
 
 
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory):
-    return faults.Harness(tmp_path_factory.mktemp("faults"), random.Random(0))
+    return Harness(tmp_path_factory.mktemp("faults"), random.Random(0))
 
 
 def _passed(result):
@@ -48,7 +49,7 @@ def test_the_harness_fails_a_run_that_is_not_the_reference(harness, tmp_path):
     reference = harness.reference()
     other = harness.fresh("other_seed")
     assert harness.run(harness.command(other, "config.SEED_VALUE=1")).status == 0
-    assert "losses differ" in faults.same_run(other, reference)
+    assert "losses differ" in same_run(other, reference)
 
 
 @pytest.mark.slow
