@@ -8,12 +8,13 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from fastssl.builder import build_method, build_run_model, derive, resolve_head_params, run_info
+from fastssl.builder import build_method, derive, run_info
 from fastssl.checkpoint import latest_checkpoint, load_checkpoint
 from fastssl.config import compose_config
 from fastssl.methods.byol import BYOL, target_momentum
 from fastssl.models.model import SSLModel
 from fastssl.optim import LARS, build_optimizer
+from fastssl.run_model import build_run_model, resolve_head_params
 from fastssl.train import main
 from loaders.batch import Batch
 from loaders.recipe import recipe_from_transforms
