@@ -111,7 +111,12 @@ class Method(nn.Module):
         settings = {k: v for k, v in vars(self).items() if not k.startswith("_") and (
             isinstance(v, simple) or (isinstance(v, list) and all(isinstance(x, simple) for x in v)))}
         settings.pop("training", None)
-        return {**settings, **{f"{name}.shape": tuple(buffer.shape) for name, buffer in self.named_buffers()}}
+        # The method's own buffers by shape; a network it holds (BYOL's target) as one count, not its
+        # every BatchNorm statistic.
+        buffers = {f"{name}.shape": tuple(buffer.shape) for name, buffer in self.named_buffers(recurse=False)}
+        networks = {name: f"{sum(p.numel() for p in child.parameters()):,} parameters, "
+                          f"{len(list(child.buffers()))} buffers" for name, child in self.named_children()}
+        return {**settings, **buffers, **networks}
 
     def debug_tensors(self) -> dict:
         """Tensors worth saving when the loss goes non-finite: the last step's outputs, and what a method

@@ -99,6 +99,16 @@ def test_target_update_is_the_ema_of_the_online_parameters_and_gets_no_gradient(
     assert all(p.grad is not None for p in model.heads[1].parameters())  # the predictor trains
 
 
+def test_start_up_description_counts_the_target_network_instead_of_listing_its_statistics():
+    model, method = tiny_byol()
+    described = method.describe()
+    target_parameters = sum(p.numel() for p in model.trunk.parameters()) + sum(
+        p.numel() for p in model.heads[0].parameters())
+    assert described["target"] == f"{target_parameters:,} parameters, 6 buffers"  # two BatchNorms x 3
+    assert not any(key.startswith("target.") for key in described)
+    assert described["momentum"] == 0.9 and described["embedding_dim"] == D
+
+
 def test_multicrop_small_views_predict_both_large_views():
     _, method = tiny_byol(num_crops=4)
     p, z = torch.randn(4 * B, D), torch.randn(2 * B, D)
