@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -6,6 +7,7 @@ from torch import nn
 from fastssl.evaluate import knn_top1, main as eval_main, reestimate_batchnorm
 from fastssl.train import main as train_main
 from loaders.batch import Batch
+from loaders.sources import resolve_image_folder
 
 from test_train_cli import CPU
 
@@ -37,3 +39,19 @@ def test_eval_cli_on_a_checkpoint_whose_head_was_fitted_to_the_trunk(tmp_path, c
     assert set(report) == {"trained", "random_bn_init", "random_bn_reestimated"}
     assert all(0.0 <= value <= 100.0 for value in report.values())
     assert eval_main(["knn", "--checkpoint", str(tmp_path / "missing")]) == 2
+
+
+def test_knn_on_a_larger_builtin_held_out_split_contains_the_configured_one(tmp_path, capsys):
+    assert train_main(CPU + [f"config.CHECKPOINT.DIR={tmp_path}", "config.OPTIMIZER.num_epochs=1"]) == 0
+    capsys.readouterr()
+    assert eval_main(["knn", "--checkpoint", str(tmp_path), "--workers", "0", "--k", "5", "--val-per-class", "5"]) == 0
+    larger = Path(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["val_path"])
+    configured = resolve_image_folder(source="synthetic", data_path=None, split="val", synthetic_params={
+        "image_size": 32, "train_per_class": 4, "val_per_class": 2})  # TINY's split
+    classes = sorted(p.name for p in larger.iterdir())
+    assert len(classes) == 10 and all(len(list((larger / c).iterdir())) == 5 for c in classes)
+    for name in classes:  # the same generator and seed: the configured two a class are the first two
+        for configured_file in sorted((configured / name).iterdir()):
+            assert (larger / name / configured_file.name).read_bytes() == configured_file.read_bytes()
+    assert eval_main(["knn", "--checkpoint", str(tmp_path), "--val-per-class", "5", "--val-path", str(larger)]) == 2
+    assert "--val-per-class takes the built-in" in capsys.readouterr().err
