@@ -97,6 +97,19 @@ def knn_report(*, trunk_builder, trained_state: dict | None, train_loader, val_l
     return report
 
 
+def held_out_folder(cfg, *, val_path: str | None, val_per_class: int) -> str | None:
+    """The held-out image folder of the commands: ``val_path``; with ``val_per_class`` the built-in dataset's
+    held-out split at that many images a class; None: the run's own (the built-in split as configured)."""
+    if not val_per_class:
+        return val_path
+    if val_path is not None or data_source(cfg)[0] != "synthetic":
+        raise ValueError("--val-per-class takes the built-in dataset's held-out split; "
+                         + ("not with --val-path" if val_path else f"this run trains on {data_source(cfg)[1]}"))
+    # Always in the cache (root None): a SYNTHETIC.ROOT holds one manifest and would be regenerated.
+    larger = {**synthetic_params(cfg), "root": None, "val_per_class": val_per_class}
+    return str(resolve_image_folder(source="synthetic", data_path=None, split="val", synthetic_params=larger))
+
+
 def _checkpoint_file(path: str) -> Path | None:
     """A checkpoint file, or a run directory's latest checkpoint; None (after an error line) when there is none."""
     path = Path(path)
@@ -119,16 +132,8 @@ def _knn_command(args) -> int:
         return build_run_model(cfg, head_params=saved["head_params"])
 
     common = dict(image_size=args.image_size, batch_size=args.batch_size, num_workers=args.workers, device=device)
-    val_path = args.val_path
-    if args.val_per_class:
-        if val_path is not None or data_source(cfg)[0] != "synthetic":
-            print("fastssl-eval: error: --val-per-class takes the built-in dataset's held-out split; this run "
-                  f"{'has --val-path' if val_path else 'trains on ' + str(data_source(cfg)[1])}", file=sys.stderr)
-            return 2
-        # Always the cache (root None): a SYNTHETIC.ROOT holds one manifest and would be regenerated.
-        larger = {**synthetic_params(cfg), "root": None, "val_per_class": args.val_per_class}
-        val_path = str(resolve_image_folder(source="synthetic", data_path=None, split="val", synthetic_params=larger))
     try:
+        val_path = held_out_folder(cfg, val_path=args.val_path, val_per_class=args.val_per_class)
         train_loader = build_eval_data(cfg, split="train", data_path=args.train_path, **common)
         val_loader = build_eval_data(cfg, split="val", data_path=val_path, **common)
     except (FileNotFoundError, ValueError) as error:
@@ -162,9 +167,10 @@ def _linear_command(args, overrides: list[str]) -> int:
     run_dir = checkpoint_file.parent
     output = Path(args.output or run_dir / ("linear_eval_random" if args.random_trunk else "linear_eval"))
     try:
-        arguments = linear_eval_arguments(config_from_checkpoint(load_checkpoint(checkpoint_file)),
-                                          weights_file=None if args.random_trunk else str(checkpoint_file),
-                                          output_dir=str(output), test_path=args.val_path)
+        cfg = config_from_checkpoint(load_checkpoint(checkpoint_file))
+        arguments = linear_eval_arguments(cfg, weights_file=None if args.random_trunk else str(checkpoint_file),
+                                          output_dir=str(output), test_path=held_out_folder(
+                                              cfg, val_path=args.val_path, val_per_class=args.val_per_class))
     except (ConfigError, FileNotFoundError, ValueError) as error:
         print(f"fastssl-eval: error: {error}", file=sys.stderr)
         return 2
@@ -204,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     linear.add_argument("--epochs", type=int, default=0, help="classifier epochs (default: the protocol's)")
     linear.add_argument("--random-trunk", action="store_true", help="the same architecture, randomly initialised")
     linear.add_argument("--val-path", default=None, help="ImageFolder of held-out images (synthetic: built in)")
+    linear.add_argument("--val-per-class", type=int, default=0,
+                        help="built-in dataset: N held-out images a class (default: the run's split, 50)")
     linear.add_argument("--output", default=None, help="the run's directory (default: <run>/linear_eval[_random])")
     linear.add_argument("--cpu", action="store_true")
     args, overrides = parser.parse_known_args(argv)

@@ -139,7 +139,8 @@ def linear_eval_arguments(cfg: DictConfig, *, weights_file: str | None, output_d
               "MODEL.WEIGHTS_INIT.PARAMS_FILE": weights_file or "", "DATA.TRAIN.DATA_SOURCES": [source],
               "DATA.TRAIN.DATA_PATHS": [train_path] if train_path else [],
               "DATA.TRAIN.SYNTHETIC": OmegaConf.to_container(cfg.DATA.TRAIN.SYNTHETIC),
-              "DATA.TEST.DATA_SOURCES": [source], "DATA.TEST.DATA_PATHS": [test_path] if test_path else [],
+              "DATA.TEST.DATA_SOURCES": ["disk_folder" if test_path else source],  # a given folder, whatever the source
+              "DATA.TEST.DATA_PATHS": [test_path] if test_path else [],
               "DISTRIBUTED.NUM_NODES": 1, "DISTRIBUTED.NUM_PROC_PER_NODE": 1, "CHECKPOINT.DIR": output_dir}
     return [f"config={LINEAR_EVAL_CONFIGS[source]}"] + [f"config.{key}={json.dumps(value)}"
                                                         for key, value in values.items()]

@@ -210,6 +210,10 @@ def test_eval_cli_trains_a_classifier_on_a_checkpoint_and_on_a_random_trunk(tmp_
         saved = load_checkpoint(latest_checkpoint(tmp_path / directory))
         assert saved["config"]["MODEL"]["HEAD"]["PARAMS"] == [["eval_mlp", {"in_channels": 512, "dims": [512, 10]}]]
         assert bool(saved["config"]["MODEL"]["WEIGHTS_INIT"]["PARAMS_FILE"]) == (directory == "linear_eval")
+    # A held-out folder given (here the built-in split at 3 a class) is the one tested, not the run's own 20.
+    assert eval_main(["linear", "--checkpoint", str(tmp_path), *small, "--val-per-class", "3",
+                      "--output", str(tmp_path / "larger")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["test_images"] == 30
     assert eval_main(["linear", "--checkpoint", str(tmp_path / "missing")]) == 2
 
 
