@@ -29,10 +29,10 @@ from torch import nn
 from loaders.sources import resolve_image_folder
 
 from . import train
-from .builder import build_eval_data, config_from_checkpoint
+from .builder import config_from_checkpoint
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .config import ConfigError
-from .run_data import data_source, synthetic_params
+from .run_data import build_eval_data, data_source, synthetic_params
 from .run_model import build_run_model, linear_eval_arguments
 
 
@@ -102,9 +102,10 @@ def held_out_folder(cfg, *, val_path: str | None, val_per_class: int) -> str | N
     held-out split at that many images a class; None: the run's own (the built-in split as configured)."""
     if not val_per_class:
         return val_path
-    if val_path is not None or data_source(cfg)[0] != "synthetic":
+    source, train_path = data_source(cfg)
+    if val_path is not None or source != "synthetic":
         raise ValueError("--val-per-class takes the built-in dataset's held-out split; "
-                         + ("not with --val-path" if val_path else f"this run trains on {data_source(cfg)[1]}"))
+                         + ("not with --val-path" if val_path else f"this run trains on {train_path}"))
     # Always in the cache (root None): a SYNTHETIC.ROOT holds one manifest and would be regenerated.
     larger = {**synthetic_params(cfg), "root": None, "val_per_class": val_per_class}
     return str(resolve_image_folder(source="synthetic", data_path=None, split="val", synthetic_params=larger))
@@ -168,9 +169,9 @@ def _linear_command(args, overrides: list[str]) -> int:
     output = Path(args.output or run_dir / ("linear_eval_random" if args.random_trunk else "linear_eval"))
     try:
         cfg = config_from_checkpoint(load_checkpoint(checkpoint_file))
+        test_path = held_out_folder(cfg, val_path=args.val_path, val_per_class=args.val_per_class)
         arguments = linear_eval_arguments(cfg, weights_file=None if args.random_trunk else str(checkpoint_file),
-                                          output_dir=str(output), test_path=held_out_folder(
-                                              cfg, val_path=args.val_path, val_per_class=args.val_per_class))
+                                          output_dir=str(output), test_path=test_path)
     except (ConfigError, FileNotFoundError, ValueError) as error:
         print(f"fastssl-eval: error: {error}", file=sys.stderr)
         return 2
