@@ -7,6 +7,7 @@
     fastssl-bench switches [options]  what each speed switch buys (channels_last, compile, workers, backends)
     fastssl-bench faults [options]    the fault harness: kill -9, damaged checkpoints, a full disk, SIGTERM, a dying
                                       rank, unreadable images, a config fuzz, against the real fastssl-train
+    fastssl-bench learn [options]     trained trunks against random ones (kNN, linear) per recipe and loader backend
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import importlib
 import sys
 
 COMMANDS = {"loader": "benchmarks.loader", "kernels": "benchmarks.kernels", "comm": "benchmarks.comm_volume",
-            "train": "benchmarks.train_step", "faults": "benchmarks.faults",
+            "train": "benchmarks.train_step", "faults": "benchmarks.faults", "learn": "benchmarks.learn",
             "switches": "benchmarks.switches"}
 
 

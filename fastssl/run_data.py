@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from loaders.build import build_eval_loader, build_train_loader
 from loaders.images import list_samples
 from loaders.recipe import MultiCropRecipe, recipe_from_transforms
+from loaders.sources import BUILT_IN_SOURCES, SOURCES
 from loaders.sampler import EpochBatchSampler
 
 from .config import ConfigError
@@ -25,24 +26,27 @@ from .optim import precompute_schedule, scale_lr_schedule
 # ---------------- data ---------------------------------------------------------------------------
 
 def data_source(cfg: DictConfig) -> tuple[str, str | None]:
-    """(DATA.TRAIN's source, its path or None); a source without a path is the built-in dataset."""
+    """(DATA.TRAIN's source, its path or None); a source without a path is the built-in dataset (synthetic,
+    or Fashion-MNIST, which needs none)."""
     train_cfg = cfg.DATA.TRAIN
     sources = list(train_cfg.DATA_SOURCES) or ["synthetic"]
     if len(sources) != 1:
         raise ConfigError("config.DATA.TRAIN.DATA_SOURCES takes one source")
     source, paths = sources[0], list(train_cfg.DATA_PATHS)
-    if source not in ("synthetic", "disk_folder", "ffcv"):
-        raise ConfigError(f"config.DATA.TRAIN.DATA_SOURCES: unknown source {source!r} (synthetic, disk_folder, ffcv)")
-    if source != "synthetic" and not paths:
+    if source not in SOURCES:
+        raise ConfigError(f"config.DATA.TRAIN.DATA_SOURCES: unknown source {source!r} ({', '.join(SOURCES)})")
+    if source not in BUILT_IN_SOURCES and not paths:
         notice(f"DATA_SOURCES=[{source}] but no DATA_PATHS given: using the built-in synthetic dataset")
         source = "synthetic"
-    return source, (paths[0] if paths and source != "synthetic" else None)
+    return source, (paths[0] if paths and source not in BUILT_IN_SOURCES else None)
 
 
 def synthetic_params(cfg: DictConfig) -> dict:
-    synthetic = cfg.DATA.TRAIN.SYNTHETIC
+    """The built-in sources' parameters (DATA.TRAIN.SYNTHETIC; Fashion-MNIST's subset under "fashion_mnist")."""
+    synthetic, fashion = cfg.DATA.TRAIN.SYNTHETIC, cfg.DATA.TRAIN.FASHION_MNIST
     return {"root": synthetic.ROOT or None, "image_size": synthetic.IMAGE_SIZE,
-            "train_per_class": synthetic.TRAIN_PER_CLASS, "val_per_class": synthetic.VAL_PER_CLASS}
+            "train_per_class": synthetic.TRAIN_PER_CLASS, "val_per_class": synthetic.VAL_PER_CLASS,
+            "fashion_mnist": {"train_per_class": fashion.TRAIN_PER_CLASS, "test_per_class": fashion.TEST_PER_CLASS}}
 
 
 def recipe(cfg: DictConfig) -> MultiCropRecipe:
@@ -87,7 +91,7 @@ def build_eval_data(cfg: DictConfig, *, split: str, data_path: str | None, image
     run_recipe = recipe(cfg)
     if data_path is None and split == "train":
         data_path = train_path
-    if data_path is not None and source == "synthetic":
+    if data_path is not None and source in BUILT_IN_SOURCES:
         source = "disk_folder"
     return build_eval_loader(source=source, data_path=data_path, split=split,
                              image_size=image_size or run_recipe.size_crops[0], batch_size=batch_size,
@@ -118,19 +122,22 @@ def test_transform(cfg: DictConfig) -> dict:
 
 def build_test_data(cfg: DictConfig, *, rank: int, world_size: int, device: torch.device):
     """This rank's shard of the held-out split (DATA.TEST), in dataset order, one centre crop per image.
-    DATA.TEST's synthetic source is the built-in dataset's held-out split (DATA.TRAIN.SYNTHETIC's)."""
+    DATA.TEST's synthetic source is the built-in dataset's held-out split (DATA.TRAIN.SYNTHETIC's), fashion_mnist
+    Fashion-MNIST's test split (DATA.TRAIN.FASHION_MNIST.TEST_PER_CLASS images a class)."""
     test_cfg = cfg.DATA.TEST
     sources, paths = list(test_cfg.DATA_SOURCES) or ["synthetic"], list(test_cfg.DATA_PATHS)
-    if len(sources) != 1 or sources[0] not in ("synthetic", "disk_folder"):
-        raise ConfigError(f"config.DATA.TEST.DATA_SOURCES takes one source, synthetic or disk_folder, got {sources}")
+    if len(sources) != 1 or sources[0] not in (*BUILT_IN_SOURCES, "disk_folder"):
+        raise ConfigError(f"config.DATA.TEST.DATA_SOURCES takes one source, synthetic, fashion_mnist or disk_folder, "
+                          f"got {sources}")
     source = sources[0]
     if source == "disk_folder" and not paths:
-        if data_source(cfg)[0] != "synthetic":
+        train_source = data_source(cfg)[0]
+        if train_source not in BUILT_IN_SOURCES:
             raise ConfigError("config.DATA.TEST.DATA_SOURCES=[disk_folder] needs DATA.TEST.DATA_PATHS, the held-out "
                               "image folder")
-        notice("DATA.TEST.DATA_SOURCES=[disk_folder] but no DATA_PATHS given: testing on the built-in dataset's "
-               "held-out split, as training uses the built-in dataset")
-        source = "synthetic"
+        notice(f"DATA.TEST.DATA_SOURCES=[disk_folder] but no DATA_PATHS given: testing on the held-out split of "
+               f"{train_source}, as training uses it")
+        source = train_source
     return build_eval_loader(source=source, data_path=paths[0] if source == "disk_folder" else None, split="val",
                              batch_size=test_cfg.BATCHSIZE_PER_REPLICA, num_workers=cfg.DATA.NUM_DATALOADER_WORKERS,
                              data_limit=test_cfg.DATA_LIMIT, device=device, dtype=torch.float32,
@@ -195,6 +202,10 @@ def planned_num_samples(cfg: DictConfig) -> tuple[int | None, str]:
     if source == "synthetic":
         size = train_cfg.SYNTHETIC.TRAIN_PER_CLASS * 10
         how = "built-in synthetic dataset: SYNTHETIC.TRAIN_PER_CLASS x 10 classes, not generated"
+    elif source == "fashion_mnist":
+        per_class = train_cfg.FASHION_MNIST.TRAIN_PER_CLASS
+        size = 60_000 if per_class < 0 else min(per_class, 6_000) * 10
+        how = "Fashion-MNIST: FASHION_MNIST.TRAIN_PER_CLASS x 10 classes (6,000 each at most)"
     elif source == "disk_folder":
         size, how = len(list_samples(data_path, data_limit=-1)), f"counted the images of {data_path}"
     else:

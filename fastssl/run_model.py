@@ -114,6 +114,7 @@ def check_num_classes(cfg: DictConfig, *, head_params: list) -> None:
 
 
 LINEAR_EVAL_CONFIGS = {"synthetic": "benchmark/linear_image_classification/synthetic/eval_resnet18_1node_cpu_linear",
+                       "fashion_mnist": "benchmark/linear_image_classification/synthetic/eval_resnet18_1node_cpu_linear",
                        "disk_folder": "benchmark/linear_image_classification/imagenet1k/byol_transfer_in1k_linear"}
 
 
@@ -139,6 +140,7 @@ def linear_eval_arguments(cfg: DictConfig, *, weights_file: str | None, output_d
               "MODEL.WEIGHTS_INIT.PARAMS_FILE": weights_file or "", "DATA.TRAIN.DATA_SOURCES": [source],
               "DATA.TRAIN.DATA_PATHS": [train_path] if train_path else [],
               "DATA.TRAIN.SYNTHETIC": OmegaConf.to_container(cfg.DATA.TRAIN.SYNTHETIC),
+              "DATA.TRAIN.FASHION_MNIST": OmegaConf.to_container(cfg.DATA.TRAIN.FASHION_MNIST),
               "DATA.TEST.DATA_SOURCES": ["disk_folder" if test_path else source],  # a given folder, whatever the source
               "DATA.TEST.DATA_PATHS": [test_path] if test_path else [],
               "DISTRIBUTED.NUM_NODES": 1, "DISTRIBUTED.NUM_PROC_PER_NODE": 1, "CHECKPOINT.DIR": output_dir}
