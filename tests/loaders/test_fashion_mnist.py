@@ -116,3 +116,14 @@ def test_the_real_test_split_is_balanced():
     os.environ.pop("FASTSSL_FASHION_MNIST_DIR", None)
     images, labels = read_split("val")
     assert images.shape == (10_000, 28, 28) and np.bincount(labels).tolist() == [1000] * 10
+
+
+def test_the_demo_recipe_plans_its_fashion_mnist_run_without_reading_it(tmp_path):
+    """--cfg job sizes the demo from FASHION_MNIST.TRAIN_PER_CLASS without the dataset being there."""
+    environ = {**os.environ, "FASTSSL_FASHION_MNIST_DIR": str(tmp_path / "nowhere"),
+               "FASTSSL_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-m", "fastssl.train", "config=pretrain/swav/swav_1node_cpu_fmnist_resnet18",
+                             "--cfg", "job"], capture_output=True, text=True, env=environ, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "# training samples: 50000" in result.stdout and "781 per epoch, 781 in all" in result.stdout
+    assert not (tmp_path / "cache").exists()
