@@ -4,10 +4,10 @@ Per sample, fn.readers.file reads the encoded bytes, fn.decoders.image decodes t
 (device='mixed': nvJPEG / the hardware JPEG decoder on a GPU; 'cpu': libjpeg-turbo), and
 every crop is cut from that one decoded image: fn.random_resized_crop (bilinear or bicubic, the
 recipe's interpolation; fn.resize + fn.crop for Resize + CenterCrop), colour jitter and
-grayscale as one affine colour map per crop (fn.coord_transform, see below), PIL's Gaussian blur (VISSL's ImgPilGaussianBlur) as PIL
-computes it, three extended-box fn.filter passes per axis with edge replication and uint8
-output each (loaders/blur.py), solarize as arithmetic, then
-fn.crop_mirror_normalize (flip + normalise + cast) writing HWC. A (B, H, W, 3) tensor viewed
+grayscale as one affine colour map per crop (fn.coord_transform, see below), PIL's Gaussian
+blur (VISSL's ImgPilGaussianBlur) as PIL computes it, three extended-box fn.filter passes per
+axis with edge replication and uint8 output each (loaders/blur.py), solarize as arithmetic,
+then fn.crop_mirror_normalize (flip + normalise + cast) writing HWC. A (B, H, W, 3) tensor viewed
 as (B, 3, H, W) is exactly channels_last, so the hand-over to torch costs nothing.
 
 Without a GPU (device 'cpu') the same pipeline runs with device_id=None and CPU operators.
