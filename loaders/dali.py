@@ -4,10 +4,10 @@ Per sample, fn.readers.file reads the encoded bytes, fn.decoders.image decodes t
 (device='mixed': nvJPEG / the hardware JPEG decoder on a GPU; 'cpu': libjpeg-turbo), and
 every crop is cut from that one decoded image: fn.random_resized_crop (bilinear or bicubic, the
 recipe's interpolation; fn.resize + fn.crop for Resize + CenterCrop), colour jitter and
-grayscale as one fn.color_twist, PIL's Gaussian blur (VISSL's ImgPilGaussianBlur) as PIL
-computes it, three extended-box fn.filter passes per axis with edge replication and uint8
-output each (loaders/blur.py), solarize as arithmetic, then
-fn.crop_mirror_normalize (flip + normalise + cast) writing HWC. A (B, H, W, 3) tensor viewed
+grayscale as one affine colour map per crop (fn.coord_transform, see below), PIL's Gaussian
+blur (VISSL's ImgPilGaussianBlur) as PIL computes it, three extended-box fn.filter passes per
+axis with edge replication and uint8 output each (loaders/blur.py), solarize as arithmetic,
+then fn.crop_mirror_normalize (flip + normalise + cast) writing HWC. A (B, H, W, 3) tensor viewed
 as (B, 3, H, W) is exactly channels_last, so the hand-over to torch costs nothing.
 
 Without a GPU (device 'cpu') the same pipeline runs with device_id=None and CPU operators.
@@ -27,11 +27,20 @@ one reduced decode per image at build time. A file that becomes unreadable after
 replaces each bad one by the next readable sample (as the reference loader does), counts it in
 `skipped`, and rebuilds the pipeline at the batch that failed; nothing already yielded changes.
 
-Differences from the torch augmentations (loaders.augment), documented rather than hidden:
-the four colour-jitter ops run in one fixed order (DALI's colour matrix) instead of a random
-one, and contrast pivots at mid-grey rather than the image's mean grey. Where the colour stage
-precedes the crop (recipe.colour_per_image), the crops of an image share its random draws, so
-each crop gets the image's jitter (mid-grey pivot, so the same as jittering the whole image).
+Colour: the batched augmentations' colour model (loaders.colour), not fn.color_twist. DALI's
+colour ops run brightness, contrast, saturation and hue in one fixed order with contrast
+pivoting at mid-grey (128), where torchvision's ColorJitter draws a random order per crop and
+pivots at the crop's mean grey: on dark images (a light shape on a dark ground) a contrast
+factor below 1 then lifts the background to a grey that torchvision never makes. So the colour
+draws are made on the host by loaders.colour (draw_color_jitter: torchvision's ranges, random
+op order, jitter and grayscale probabilities; color_transform: their composition into one 3x3
+matrix M plus a pivot matrix P applied to the crop's mean colour), one row per crop of each
+sample, from a generator seeded by (pipeline seed, iteration), and fed to the graph through
+fn.external_source; the graph applies clamp(M @ rgb + P @ mean_rgb, 0, 255) per pixel with
+fn.coord_transform and rounds to uint8 (as PIL's ops do). Where the colour stage precedes the
+crop (recipe.colour_per_image), the image draws once, its crops share the map and the pivot is
+the whole image's mean colour. What remains different from torchvision is loaders.colour's own,
+documented there: hue as a rotation about the grey axis and one final clamp.
 
 Tuning arguments of build_dali_loader (their defaults live in its signature):
   prefetch_queue_depth  batches the pipeline prepares ahead (DALI's prefetch_queue_depth).
@@ -51,6 +60,7 @@ import torch
 from loaders.batch import Batch
 from loaders.images import ImageList, check_images, list_samples, why_unreadable
 from loaders.blur import blur_half_width
+from loaders.colour import color_transform, draw_color_jitter
 from loaders.recipe import CropAugmentation, MultiCropRecipe
 from loaders.sampler import EpochBatchSampler
 from loaders.sources import resolve_image_folder
@@ -98,8 +108,15 @@ def multicrop_pipeline(
             images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
         crops = []
         interp_type = types.INTERP_CUBIC if recipe.interpolation == "bicubic" else types.INTERP_LINEAR
-        # Drawn once here, the colour draws are every crop's: one draw per image.
-        image_colour = _colour_draws(recipe.augmentations[0]) if recipe.colour_per_image else None
+        # The colour maps of every crop that distorts colour (one for the image where the colour
+        # stage precedes the crop), drawn on the host (ColourDraws) and fed per iteration.
+        colour_draws = ColourDraws(recipe, batch_size=batch_size, seed=seed)
+        maps = fn.external_source(source=colour_draws, num_outputs=2 * colour_draws.num_maps, batch=True,
+                                  batch_info=True) if colour_draws.num_maps else []
+        maps = [(maps[2 * k], maps[2 * k + 1]) for k in range(colour_draws.num_maps)]
+        image_colour = None
+        if recipe.colour_per_image and colour_draws.num_maps:
+            image_colour = (*maps[0], _mean_colour(images))  # the whole image's mean: the contrast pivot
         blur_half = blur_half_width(max(a.blur_sigma[1] for a in recipe.augmentations))
         for crop, (size, group) in enumerate(zip(recipe.crop_sizes, recipe.crop_groups)):
             # Every crop reads the one decoded image: decode once, crop many.
@@ -114,7 +131,11 @@ def multicrop_pipeline(
                     interp_type=interp_type,
                 )
             augmentation = recipe.augmentations[crop]
-            x = _augment(x, augmentation=augmentation, image_colour=image_colour, blur_half=blur_half)
+            colour = image_colour
+            if colour is None and colour_draws.map_of_crop[crop] is not None:
+                matrix, pivot = maps[colour_draws.map_of_crop[crop]]
+                colour = (matrix, pivot, _mean_colour(x))  # the crop's own mean: the contrast pivot
+            x = _augment(x, augmentation=augmentation, colour=colour, blur_half=blur_half)
             crops.append(
                 fn.crop_mirror_normalize(
                     x, mirror=fn.random.coin_flip(probability=augmentation.flip_p),
@@ -127,33 +148,65 @@ def multicrop_pipeline(
     return pipe
 
 
-def _colour_draws(augmentation: CropAugmentation) -> dict | None:
-    """The colour stage's random draws (DALI graph nodes) as fn.color_twist's arguments, or
-    None when the crop's colour is untouched."""
-    if not augmentation.distorts_colour:
-        return None
-    # Each factor is the identity unless the jitter is drawn (probability jitter_p).
-    jittered = fn.random.coin_flip(probability=augmentation.jitter_p)
-    kept_color = 1.0 - fn.random.coin_flip(probability=augmentation.gray_p)
+class ColourDraws:
+    """fn.external_source's callback: the colour maps of one batch, drawn on the host.
 
-    def factor(bounds: tuple[float, float], identity: float, *, scale: float = 1.0):
-        return identity + jittered * (_uniform(scale * bounds[0], scale * bounds[1]) - identity)
+    Per colour map (one per crop that distorts colour, or one per image where the colour stage
+    precedes the crop), two outputs: the matrices M and P (batch_size arrays of (3, 3) float32)
+    of loaders.colour.color_transform, so that a crop's colour is clamp(M @ rgb + P @ mean_rgb).
+    The draws of iteration i come from a torch.Generator seeded by (seed, i): a pure function of
+    the pipeline's seed and the batch, whatever DALI's prefetching does.
+    """
 
-    return dict(
-        brightness=factor(augmentation.brightness, 1.0),
-        contrast=factor(augmentation.contrast, 1.0),
-        # Saturation 0 is the grey image: grayscale after the jitter, as in SimCLR.
-        saturation=factor(augmentation.saturation, 1.0) * kept_color,
-        hue=factor(augmentation.hue, 0.0, scale=360.0),  # DALI's hue is in degrees, the recipe's in turns
-    )
+    def __init__(self, recipe: MultiCropRecipe, *, batch_size: int, seed: int):
+        self.batch_size, self.seed = batch_size, seed
+        if recipe.colour_per_image:
+            drawn = [0] if recipe.augmentations[0].distorts_colour else []
+            self.map_of_crop = [0 if drawn else None] * recipe.total_num_crops
+        else:
+            drawn = [c for c, a in enumerate(recipe.augmentations) if a.distorts_colour]
+            self.map_of_crop = [drawn.index(c) if c in drawn else None for c in range(recipe.total_num_crops)]
+        self.augmentations = [recipe.augmentations[c] for c in drawn]
+        self.num_maps = len(drawn)
+
+    def __call__(self, batch_info) -> list[list[np.ndarray]]:
+        generator = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([self.seed, batch_info.iteration]).generate_state(1, np.uint64)[0] >> 1))
+        outputs = []
+        for augmentation in self.augmentations:
+            outputs += [list(m.numpy()) for m in colour_maps(augmentation, self.batch_size, generator=generator)]
+        return outputs
 
 
-def _augment(x, *, augmentation: CropAugmentation, image_colour: dict | None, blur_half: int):
-    """Colour jitter, grayscale, blur and solarize of one crop (DALI graph nodes). image_colour:
-    the image's colour draws when they are shared by its crops, else None (the crop draws its own)."""
-    colour = image_colour if image_colour is not None else _colour_draws(augmentation)
+def colour_maps(augmentation: CropAugmentation, rows: int, *, generator: torch.Generator
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rows` random colour distortions of one crop's augmentation (torchvision's ColorJitter, then
+    RandomGrayscale) as loaders.colour's affine maps: (M, P), each (rows, 3, 3) float32."""
+    ranges = torch.tensor([augmentation.brightness, augmentation.contrast, augmentation.saturation,
+                           augmentation.hue]).expand(rows, 4, 2)
+    draws = draw_color_jitter(ranges, jitter_p=torch.full((rows,), augmentation.jitter_p),
+                              gray_p=torch.full((rows,), augmentation.gray_p), generator=generator)
+    matrix, pivot = color_transform(draws)
+    return matrix.float().contiguous(), pivot.float().contiguous()
+
+
+def _mean_colour(x):
+    """The (1, 1, 3) mean colour of each HWC image (a DALI graph node), in [0, 255]."""
+    return fn.reductions.mean(fn.cast(x, dtype=types.FLOAT), axes=[0, 1], keep_dims=True)
+
+
+def apply_colour_map(x, matrix, pivot, mean):
+    """clamp(matrix @ rgb + pivot @ mean, 0, 255) for every pixel of HWC uint8 images x, rounded
+    to uint8 (DALI graph nodes; matrix, pivot: per-sample (3, 3), mean: per-sample (1, 1, 3))."""
+    distorted = fn.coord_transform(x, M=matrix, dtype=types.FLOAT) + fn.coord_transform(mean, M=pivot)
+    return fn.cast(dali_math.clamp(distorted, 0.0, 255.0), dtype=types.UINT8)
+
+
+def _augment(x, *, augmentation: CropAugmentation, colour: tuple | None, blur_half: int):
+    """Colour jitter and grayscale, blur and solarize of one crop (DALI graph nodes). colour:
+    (matrix, pivot, mean colour) of the crop's colour map, or None where its colour is untouched."""
     if colour is not None:
-        x = fn.color_twist(x, **colour)
+        x = apply_colour_map(x, *colour)
     if augmentation.blur_p > 0:
         x = _random_pil_blur(x, p=augmentation.blur_p, sigma_range=augmentation.blur_sigma, half=blur_half)
     if augmentation.solarize_p > 0:
@@ -161,12 +214,6 @@ def _augment(x, *, augmentation: CropAugmentation, image_colour: dict | None, bl
         x = fn.cast(x, dtype=types.FLOAT)
         x = x + solarized * (x >= 128) * (255.0 - 2.0 * x)
     return x
-
-
-def _uniform(low: float, high: float):
-    """A per-sample uniform draw in [low, high); the number itself when the range is one value
-    (DALI refuses an empty range, and a Python number takes part in any arithmetic)."""
-    return fn.random.uniform(range=[low, high]) if high > low else float(low)
 
 
 def _random_pil_blur(x, *, p: float, sigma_range: tuple[float, float], half: int):
