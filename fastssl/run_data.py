@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from loaders.build import build_eval_loader, build_train_loader
-from loaders.images import list_samples
+from loaders.images import list_samples, set_pixel_limit
 from loaders.recipe import MultiCropRecipe, recipe_from_transforms
 from loaders.sampler import EpochBatchSampler
 
@@ -62,6 +62,7 @@ def build_train_data(cfg: DictConfig, *, rank: int, world_size: int, device: tor
     """The multi-crop training loader of this rank (DATA.TRAIN, DATA.NUM_DATALOADER_WORKERS)."""
     source, data_path = data_source(cfg)
     train_cfg = cfg.DATA.TRAIN
+    set_pixel_limit(cfg.DATA.MAX_IMAGE_PIXELS)
     loader = build_train_loader(
         source=source, data_path=data_path, backend=train_cfg.LOADER, recipe=recipe(cfg),
         batch_size=train_cfg.BATCHSIZE_PER_REPLICA, num_workers=cfg.DATA.NUM_DATALOADER_WORKERS,
@@ -85,6 +86,7 @@ def build_eval_data(cfg: DictConfig, *, split: str, data_path: str | None, image
     """
     source, train_path = data_source(cfg)
     run_recipe = recipe(cfg)
+    set_pixel_limit(cfg.DATA.MAX_IMAGE_PIXELS)
     if data_path is None and split == "train":
         data_path = train_path
     if data_path is not None and source == "synthetic":
@@ -131,6 +133,7 @@ def build_test_data(cfg: DictConfig, *, rank: int, world_size: int, device: torc
         notice("DATA.TEST.DATA_SOURCES=[disk_folder] but no DATA_PATHS given: testing on the built-in dataset's "
                "held-out split, as training uses the built-in dataset")
         source = "synthetic"
+    set_pixel_limit(cfg.DATA.MAX_IMAGE_PIXELS)
     return build_eval_loader(source=source, data_path=paths[0] if source == "disk_folder" else None, split="val",
                              batch_size=test_cfg.BATCHSIZE_PER_REPLICA, num_workers=cfg.DATA.NUM_DATALOADER_WORKERS,
                              data_limit=test_cfg.DATA_LIMIT, device=device, dtype=torch.float32,
@@ -162,6 +165,10 @@ class Derived:
                 f"crops {self.crop_sizes}, lr start {lr[0]:.4g} peak {lr.max():.4g} end {lr[-1]:.4g}")
 
 
+# The schedules hold one value a step: 2^25 steps is 256 MB of them, and 40x any published recipe's run.
+MAX_TOTAL_STEPS = 1 << 25
+
+
 def derive(cfg: DictConfig, *, world_size: int, num_samples: int, iterations_per_epoch: int) -> Derived:
     optim_cfg = cfg.OPTIMIZER
     batch = cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA
@@ -178,6 +185,9 @@ def derive(cfg: DictConfig, *, world_size: int, num_samples: int, iterations_per
     total = optim_cfg.num_epochs * iterations_per_epoch
     if total <= 0:
         raise ConfigError(f"config.OPTIMIZER.num_epochs={optim_cfg.num_epochs} leaves nothing to train")
+    if total > MAX_TOTAL_STEPS:
+        raise ConfigError(f"config.OPTIMIZER.num_epochs={optim_cfg.num_epochs} x {iterations_per_epoch} iterations per "
+                          f"epoch is {total} steps, more than the {MAX_TOTAL_STEPS} a run may take")
     lr = precompute_schedule(lr_spec, total_steps=total, steps_per_epoch=iterations_per_epoch,
                              update_interval=update_interval)
     return Derived(world_size=world_size, batch_size_per_replica=batch, global_batch_size=global_batch,
