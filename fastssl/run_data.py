@@ -122,6 +122,7 @@ def build_test_data(cfg: DictConfig, *, rank: int, world_size: int, device: torc
     """This rank's shard of the held-out split (DATA.TEST), in dataset order, one centre crop per image.
     DATA.TEST's synthetic source is the built-in dataset's held-out split (DATA.TRAIN.SYNTHETIC's)."""
     test_cfg = cfg.DATA.TEST
+    set_pixel_limit(cfg.DATA.MAX_IMAGE_PIXELS)
     sources, paths = list(test_cfg.DATA_SOURCES) or ["synthetic"], list(test_cfg.DATA_PATHS)
     if len(sources) != 1 or sources[0] not in ("synthetic", "disk_folder"):
         raise ConfigError(f"config.DATA.TEST.DATA_SOURCES takes one source, synthetic or disk_folder, got {sources}")
@@ -133,7 +134,6 @@ def build_test_data(cfg: DictConfig, *, rank: int, world_size: int, device: torc
         notice("DATA.TEST.DATA_SOURCES=[disk_folder] but no DATA_PATHS given: testing on the built-in dataset's "
                "held-out split, as training uses the built-in dataset")
         source = "synthetic"
-    set_pixel_limit(cfg.DATA.MAX_IMAGE_PIXELS)
     return build_eval_loader(source=source, data_path=paths[0] if source == "disk_folder" else None, split="val",
                              batch_size=test_cfg.BATCHSIZE_PER_REPLICA, num_workers=cfg.DATA.NUM_DATALOADER_WORKERS,
                              data_limit=test_cfg.DATA_LIMIT, device=device, dtype=torch.float32,
