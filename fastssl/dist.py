@@ -250,6 +250,15 @@ def wrap_ddp(model: nn.Module, *, device: torch.device) -> nn.Module:
 # Preemption: SIGTERM / SIGUSR1 -> checkpoint at an agreed step boundary, then a clean exit
 # ---------------------------------------------------------------------------------------------
 
+class StoppedDuringSetup(BaseException):
+    """SIGTERM / SIGUSR1 before the first step (see StopOnSignal). A BaseException, as KeyboardInterrupt is,
+    so that no ``except Exception`` on the way swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class StopOnSignal:
     """LoopSettings.stop_requested: True once a rank has received SIGTERM or SIGUSR1.
 
@@ -264,6 +273,11 @@ class StopOnSignal:
 
     Install it before the DataLoader forks its workers: they inherit the handler, so a SIGUSR1
     sent to the whole process group does not kill them (torch's workers handle SIGTERM themselves).
+
+    During set-up (from here until ``setup_done()`` or the first call) there is nothing to checkpoint, and
+    building the data and the model can take minutes: the first signal then raises StoppedDuringSetup at
+    once, and the run ends, its ``finally`` clauses cleaning up (a later signal is only recorded, so that
+    they run to the end).
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -273,13 +287,22 @@ class StopOnSignal:
         self.group = group
         self.received: int | None = None
         self.stopped = False
+        self.setting_up = True
         self._calls = 0
         self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame) -> None:
         self.received = signum
+        if self.setting_up:
+            self.setting_up = False
+            raise StoppedDuringSetup(signum)
+
+    def setup_done(self) -> None:
+        """From now on a signal is recorded, and the loop stops at an agreed step with a checkpoint."""
+        self.setting_up = False
 
     def __call__(self) -> bool:
+        self.setting_up = False
         self._calls += 1
         if not (dist.is_initialized() and dist.get_world_size(self.group) > 1):
             self.stopped = self.received is not None

@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from loaders.build import build_eval_loader, build_train_loader
-from loaders.images import list_samples
+from loaders.images import list_samples, set_pixel_limit
 from loaders.recipe import MultiCropRecipe, recipe_from_transforms
 from loaders.sources import BUILT_IN_SOURCES, SOURCES
 from loaders.sampler import EpochBatchSampler
@@ -66,6 +66,7 @@ def build_train_data(cfg: DictConfig, *, rank: int, world_size: int, device: tor
     """The multi-crop training loader of this rank (DATA.TRAIN, DATA.NUM_DATALOADER_WORKERS)."""
     source, data_path = data_source(cfg)
     train_cfg = cfg.DATA.TRAIN
+    set_pixel_limit(cfg.DATA.MAX_IMAGE_PIXELS)
     loader = build_train_loader(
         source=source, data_path=data_path, backend=train_cfg.LOADER, recipe=recipe(cfg),
         batch_size=train_cfg.BATCHSIZE_PER_REPLICA, num_workers=cfg.DATA.NUM_DATALOADER_WORKERS,
@@ -89,6 +90,7 @@ def build_eval_data(cfg: DictConfig, *, split: str, data_path: str | None, image
     """
     source, train_path = data_source(cfg)
     run_recipe = recipe(cfg)
+    set_pixel_limit(cfg.DATA.MAX_IMAGE_PIXELS)
     if data_path is None and split == "train":
         data_path = train_path
     if data_path is not None and source in BUILT_IN_SOURCES:
@@ -125,6 +127,7 @@ def build_test_data(cfg: DictConfig, *, rank: int, world_size: int, device: torc
     DATA.TEST's synthetic source is the built-in dataset's held-out split (DATA.TRAIN.SYNTHETIC's), fashion_mnist
     Fashion-MNIST's test split (DATA.TRAIN.FASHION_MNIST.TEST_PER_CLASS images a class)."""
     test_cfg = cfg.DATA.TEST
+    set_pixel_limit(cfg.DATA.MAX_IMAGE_PIXELS)
     sources, paths = list(test_cfg.DATA_SOURCES) or ["synthetic"], list(test_cfg.DATA_PATHS)
     if len(sources) != 1 or sources[0] not in (*BUILT_IN_SOURCES, "disk_folder"):
         raise ConfigError(f"config.DATA.TEST.DATA_SOURCES takes one source, synthetic, fashion_mnist or disk_folder, "
@@ -169,6 +172,10 @@ class Derived:
                 f"crops {self.crop_sizes}, lr start {lr[0]:.4g} peak {lr.max():.4g} end {lr[-1]:.4g}")
 
 
+# The schedules hold one value a step: 2^25 steps is 256 MB of them, and 40x any published recipe's run.
+MAX_TOTAL_STEPS = 1 << 25
+
+
 def derive(cfg: DictConfig, *, world_size: int, num_samples: int, iterations_per_epoch: int) -> Derived:
     optim_cfg = cfg.OPTIMIZER
     batch = cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA
@@ -185,6 +192,9 @@ def derive(cfg: DictConfig, *, world_size: int, num_samples: int, iterations_per
     total = optim_cfg.num_epochs * iterations_per_epoch
     if total <= 0:
         raise ConfigError(f"config.OPTIMIZER.num_epochs={optim_cfg.num_epochs} leaves nothing to train")
+    if total > MAX_TOTAL_STEPS:
+        raise ConfigError(f"config.OPTIMIZER.num_epochs={optim_cfg.num_epochs} x {iterations_per_epoch} iterations per "
+                          f"epoch is {total} steps, more than the {MAX_TOTAL_STEPS} a run may take")
     lr = precompute_schedule(lr_spec, total_steps=total, steps_per_epoch=iterations_per_epoch,
                              update_interval=update_interval)
     return Derived(world_size=world_size, batch_size_per_replica=batch, global_batch_size=global_batch,

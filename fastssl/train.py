@@ -10,6 +10,7 @@ builder (fastssl/builder.py) turns the config into objects, the checkpoint resto
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 
@@ -32,8 +33,10 @@ def run(cfg):
     stop = start_process_group(cfg, info, device)
     try:
         if engine_name(cfg) == "cluster_features":
-            return cluster_features(build_cluster_features(cfg, info=info, device=device,
-                                                           signal_received=lambda: stop.received is not None))
+            job = build_cluster_features(cfg, info=info, device=device,
+                                         signal_received=lambda: stop.received is not None)
+            stop.setup_done()
+            return cluster_features(job)
         return train_run(cfg, info=info, device=device, stop=stop)
     finally:
         stop.close()
@@ -50,6 +53,7 @@ def train_run(cfg, *, info: dist.DistInfo, device, stop: dist.StopOnSignal) -> T
     run.method.on_train_start(model=run.model, loader=run.loader, fresh_start=restored is None)
 
     logger = run.logger(start_step=state.step)
+    stop.setup_done()
     try:
         state = train(model=run.model, trained_model=run.trained_model, method=run.method, optimizer=run.optimizer,
                       scaler=run.scaler, loader=run.loader, state=state, settings=run.settings,
@@ -113,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("FASTSSL_DEBUG"):  # the traceback, for a bug rather than bad input
             raise
         return fail(f"fastssl-train: error: {error}", 2)
+    except dist.StoppedDuringSetup as stopped:
+        return fail(f"fastssl-train: stopped by {signal.Signals(stopped.signum).name} during set-up, before the first "
+                    "step: nothing was trained and no checkpoint written", 128 + stopped.signum)
     except KeyboardInterrupt:
         print("fastssl-train: interrupted; the last checkpoint is intact", file=sys.stderr)
         return 130

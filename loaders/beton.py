@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from loaders.images import DatasetError, ImageList, check_images, list_samples, load_rgb
+from loaders.images import MAX_DECODED_PIXELS, DatasetError, ImageList, check_images, list_samples, load_rgb
 
 try:
     from ffcv.fields import IntField, RGBImageField
@@ -108,26 +108,108 @@ class BetonTable:
     widths: np.ndarray
 
 
+class BetonError(DatasetError):
+    """A .beton that fastssl will not read; the message names the file and what is wrong, in one line."""
+
+
+# The fields of a fastssl .beton, in the order convert_image_folder writes them, with FFCV's type ids.
+_FIELDS = (("image", 2), ("label", 1), ("index", 1))
+_JPEG_MODE, _RAW_MODE = 0, 1
+
+
 def read_beton_table(path: str | os.PathLike) -> BetonTable:
-    """The label, dataset index and stored size of every record of `path`."""
+    """The label, dataset index and stored size of every record of `path`, after checking the whole file.
+
+    Every structure of the file is checked against the file's size before it is read, and every record
+    against the table that locates it, so neither this function nor FFCV's reader and decoders (which
+    trust the file: a raw record is copied with no size check) ever allocate or copy on the file's word:
+    the header (version, page size, sample count), the field descriptors (exactly image, label, index),
+    the per-record metadata, the allocation table (one region per record, inside the data pages), each
+    record's mode and dimensions (at most loaders.images.MAX_DECODED_PIXELS, what fastssl-convert writes)
+    and a raw record's size (height * width * 3), labels (>= -1) and dataset indices (increasing, >= 0).
+    Raises BetonError naming the file and the first problem.
+    """
     require_ffcv()
-    reader = Reader(str(path))
-    missing = {"image", "label", "index"} - set(reader.field_names)
-    if missing:
-        raise ValueError(f"{path}: fields {sorted(missing)} missing; write it with fastssl-convert")
-    column = {name: f"f{i}" for i, name in enumerate(reader.field_names)}
-    image = reader.metadata[column["image"]]
-    return BetonTable(
-        labels=reader.metadata[column["label"]].astype(np.int64),
-        indices=reader.metadata[column["index"]].astype(np.int64),
-        heights=image["height"].astype(np.int64),
-        widths=image["width"].astype(np.int64),
+    from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType
+    from ffcv.writer import MAX_PAGE_SIZE, MIN_PAGE_SIZE
+
+    path = Path(path)
+
+    def fail(problem: str) -> BetonError:
+        return BetonError(f"{path}: {problem}")
+
+    try:
+        file_size = path.stat().st_size
+    except OSError as error:
+        raise fail(f"cannot read it ({error.strerror or error})") from None
+    if file_size < HeaderType.itemsize:
+        raise fail(f"not a .beton: {file_size} bytes, shorter than its {HeaderType.itemsize}-byte header")
+    header = np.fromfile(path, dtype=HeaderType, count=1)[0]
+    if header["version"] != CURRENT_VERSION:
+        raise fail(f"not an FFCV .beton of format version {CURRENT_VERSION} (its header says {header['version']})")
+    if header["num_fields"] != len(_FIELDS):
+        raise fail(f"holds {header['num_fields']} fields; a fastssl .beton has image, label and index: "
+                   "write it with fastssl-convert")
+    page_size = int(header["page_size"])
+    if page_size & (page_size - 1) or not MIN_PAGE_SIZE <= page_size < MAX_PAGE_SIZE:
+        raise fail(f"page size {page_size} is not a power of 2 in [{MIN_PAGE_SIZE}, {MAX_PAGE_SIZE})")
+    descriptors_end = HeaderType.itemsize + len(_FIELDS) * FieldDescType.itemsize
+    if file_size < descriptors_end:
+        raise fail(f"truncated: {file_size} bytes end inside the field descriptors ({descriptors_end} bytes)")
+    descriptors = np.fromfile(path, dtype=FieldDescType, count=len(_FIELDS), offset=HeaderType.itemsize)
+    found = tuple((bytes(d["name"]).split(b"\0")[0].decode("latin-1"), int(d["type_id"])) for d in descriptors)
+    if found != _FIELDS:
+        raise fail(f"fields {[name for name, _ in found]} (type ids {[kind for _, kind in found]}) are not "
+                   "image, label, index (2, 1, 1): write it with fastssl-convert")
+
+    metadata_type = np.dtype([("", RGBImageField().metadata_type), ("", "<i8"), ("", "<i8")], align=True)
+    num_samples, table_at = int(header["num_samples"]), int(header["alloc_table_ptr"])
+    metadata_end = descriptors_end + num_samples * metadata_type.itemsize
+    if num_samples == 0:
+        raise fail("holds no samples")
+    if metadata_end > file_size:
+        raise fail(f"its header claims {num_samples} samples, whose metadata alone needs {metadata_end} bytes; "
+                   f"the file has {file_size}")
+    if not metadata_end <= table_at <= file_size or (file_size - table_at) % ALLOC_TABLE_TYPE.itemsize:
+        raise fail(f"its allocation table (at byte {table_at}) is not a whole table between the metadata "
+                   f"(ends at byte {metadata_end}) and the end of the file ({file_size} bytes)")
+    num_regions = (file_size - table_at) // ALLOC_TABLE_TYPE.itemsize
+    if num_regions != num_samples:
+        raise fail(f"its allocation table locates {num_regions} records for {num_samples} samples")
+
+    metadata = np.fromfile(path, dtype=metadata_type, count=num_samples, offset=descriptors_end)
+    image, labels, indices = metadata["f0"], metadata["f1"].astype(np.int64), metadata["f2"].astype(np.int64)
+    table = np.fromfile(path, dtype=ALLOC_TABLE_TYPE, count=num_regions, offset=table_at)
+    region = np.argsort(table["sample_id"], kind="stable")
+    if not np.array_equal(table["sample_id"][region], np.arange(num_samples, dtype=np.uint64)):
+        raise fail("its allocation table does not locate exactly one record per sample")
+    pointers, sizes = table["ptr"][region].astype(np.int64), table["size"][region].astype(np.int64)
+    heights, widths = image["height"].astype(np.int64), image["width"].astype(np.int64)
+    expected_raw_sizes = heights * widths * 3
+    data_start = -(-metadata_end // page_size) * page_size  # FFCV's first page after the metadata
+    problems = (
+        (~np.isin(image["mode"], (_JPEG_MODE, _RAW_MODE)), "image mode is neither JPEG (0) nor raw (1)"),
+        ((heights < 1) | (widths < 1), "image has no pixels"),
+        (heights * widths > MAX_DECODED_PIXELS, f"image exceeds {MAX_DECODED_PIXELS} pixels"),
+        (image["data_ptr"].astype(np.int64) != pointers, "image pointer is not the record's allocation"),
+        ((pointers < data_start) | (sizes < 1) | (pointers + sizes > table_at), "record lies outside the data pages"),
+        ((image["mode"] == _RAW_MODE) & (sizes != expected_raw_sizes), "raw record's size is not height*width*3"),
+        (labels < -1, "label is below -1"),
+        (indices < 0, "dataset index is negative"),
     )
+    for bad, problem in problems:
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise fail(f"sample {i}: {problem} (mode {image['mode'][i]}, {heights[i]}x{widths[i]} pixels, "
+                       f"record of {sizes[i]} bytes at {pointers[i]}; {int(bad.sum())} sample(s) like it)")
+    if np.any(np.diff(indices) <= 0):
+        raise fail("its dataset indices are not increasing")
+    return BetonTable(labels=labels, indices=indices, heights=heights, widths=widths)
 
 
 def decode_all_images(path: str | os.PathLike, *, num_workers: int) -> int:
     """Decode every image of `path` in order; return how many decoded (a full read-back check)."""
-    require_ffcv()
+    read_beton_table(path)  # checks the whole file first: FFCV's decoders trust it
     loader = Loader(
         str(path), batch_size=64, num_workers=num_workers, order=OrderOption.SEQUENTIAL, drop_last=False,
         pipelines={"image": [PaddedRGBDecoder(), ToTensor()], "label": None, "index": None},

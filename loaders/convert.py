@@ -17,7 +17,7 @@ import os
 import sys
 
 from loaders.beton import convert_image_folder, verify_beton
-from loaders.images import DatasetError
+from loaders.images import MAX_IMAGE_PIXELS, DatasetError, set_pixel_limit
 from loaders.sources import resolve_image_folder
 
 
@@ -36,6 +36,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--jpeg-quality", type=int, default=90)
     parser.add_argument("--compress-probability", type=float, default=0.5, help="JPEG share for proportion")
     parser.add_argument("--num-workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
+                        help="skip image files declaring more pixels (DATA.MAX_IMAGE_PIXELS)")
     parser.add_argument("--verify", action="store_true", help="read every sample back and compare")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -49,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     data_path = args.data_path
+    set_pixel_limit(args.max_image_pixels)
     if args.synthetic:
         data_path = resolve_image_folder(source="synthetic", data_path=None, split=args.split, synthetic_params={
             "image_size": args.synthetic_image_size, "train_per_class": args.synthetic_train_per_class,

@@ -25,6 +25,10 @@ batch_size * max_height * max_width * 3 bytes, so keep max_resolution moderate).
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -32,13 +36,14 @@ import torch
 
 from loaders.augment import DeviceMultiCrop
 from loaders.batch import Batch
-from loaders.beton import PaddedRGBDecoder, convert_image_folder, read_beton_table, require_ffcv
+from loaders.beton import BetonError, PaddedRGBDecoder, convert_image_folder, read_beton_table, require_ffcv
 from loaders.cache import cache_dir
-from loaders.images import list_samples
+from loaders.images import ImageList, list_samples, why_unreadable
 from loaders.recipe import MultiCropRecipe
 from loaders.sampler import EpochBatchSampler
 from loaders.sources import resolve_image_folder
 
+log = logging.getLogger(__name__)
 
 class _EpochTraversal:
     """Stands in for FFCV's TraversalOrder: this rank's order of an epoch, from `start_batch` on."""
@@ -55,13 +60,15 @@ class _EpochTraversal:
 class FFCVTrainLoader:
     """Iterates Batches of one rank; set_epoch(epoch, start_batch) before each epoch."""
 
-    def __init__(self, *, loader, traversal: _EpochTraversal, multicrop: DeviceMultiCrop, sizes: torch.Tensor,
-                 num_samples: int, num_batches: int, has_labels: bool, seed: int, rank: int, device: torch.device,
+    def __init__(self, *, loader, traversal: _EpochTraversal, multicrop: DeviceMultiCrop, record_indices: torch.Tensor,
+                 sizes: torch.Tensor, num_samples: int, num_batches: int, has_labels: bool, seed: int, rank: int, device: torch.device,
                  channels_last: bool):
         self.loader = loader
         self.traversal = traversal
         self.multicrop = multicrop
-        self.sizes = sizes  # (max dataset index + 1, 2) int64 (height, width) on the device
+        # The stored (height, width) of each record, (N, 2) int64, and its dataset index, (N,) increasing (checked
+        # by read_beton_table): a batch's sizes are found by binary search, so no table is sized by the indices.
+        self.record_indices, self.sizes = record_indices, sizes
         self.num_samples = num_samples
         self.num_batches = num_batches
         self.has_labels = has_labels
@@ -84,7 +91,8 @@ class FFCVTrainLoader:
             generator.manual_seed(_mix_seed(self.seed, self.rank, self.epoch, batch_number))
             # FFCV reuses its batch buffers: keep copies of what outlives this step.
             indices, labels = indices.view(-1).clone(), labels.view(-1).clone()
-            crops = self.multicrop(images.permute(0, 3, 1, 2), self.sizes[indices], generator=generator)
+            sizes = self.sizes[torch.searchsorted(self.record_indices, indices)]
+            crops = self.multicrop(images.permute(0, 3, 1, 2), sizes, generator=generator)
             if not self.channels_last:
                 crops = [crop.contiguous() for crop in crops]
             yield Batch(crops=crops, indices=indices, labels=labels if self.has_labels else None)
@@ -103,7 +111,7 @@ def build_ffcv_loader(
 
     source 'ffcv': data_path is a .beton from fastssl-convert. 'disk_folder' / 'synthetic': the
     folder is converted once (max_resolution, JPEG quality 90, proportion 0.5) to a cached
-    .beton under $FASTSSL_CACHE/ffcv, keyed by the folder and its file list.
+    .beton under $FASTSSL_CACHE/ffcv, keyed by a digest of the folder's contents (see _beton_for).
     """
     require_ffcv()
     from ffcv.fields.basics import IntDecoder
@@ -118,6 +126,13 @@ def build_ffcv_loader(
     beton = _beton_for(source=source, data_path=data_path, synthetic_params=synthetic_params,
                        max_resolution=max_resolution, num_workers=num_workers)
     table = read_beton_table(beton)
+    # Each batch FFCV prepares ahead, and its scratch copy, holds batch_size padded images of the largest size.
+    buffer_bytes = 2 * (batches_ahead + 2) * batch_size * int(table.heights.max()) * int(table.widths.max()) * 3
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if buffer_bytes > memory // 2:
+        raise BetonError(f"{beton}: its largest images ({table.heights.max()} rows, {table.widths.max()} columns) make "
+                         f"decode buffers of {buffer_bytes / 2**30:.1f} GiB at batch {batch_size}, more than half of "
+                         f"this machine's {memory / 2**30:.1f} GiB: convert it with a smaller --max-resolution")
     # DATA_LIMIT keeps the first data_limit files of the listing, as the reference loader does.
     records = np.arange(len(table.labels)) if data_limit <= 0 else np.flatnonzero(table.indices < data_limit)
     sampler = EpochBatchSampler(len(records), batch_size=batch_size, drop_last=drop_last, shuffle=True,
@@ -149,11 +164,11 @@ def build_ffcv_loader(
     loader.traversal_order = traversal
     loader.first_traversal_order = order_of_epoch(0)
 
-    sizes = torch.zeros(int(table.indices.max()) + 1, 2, dtype=torch.int64)
-    sizes[torch.from_numpy(table.indices)] = torch.from_numpy(np.stack([table.heights, table.widths], axis=1))
+    sizes = torch.from_numpy(np.stack([table.heights, table.widths], axis=1))
     return FFCVTrainLoader(
         loader=loader, traversal=traversal, multicrop=DeviceMultiCrop(recipe, dtype=dtype, device=device),
-        sizes=sizes.to(device), num_samples=len(records), num_batches=len(sampler),
+        record_indices=torch.from_numpy(table.indices).to(device), sizes=sizes.to(device),
+        num_samples=len(records), num_batches=len(sampler),
         has_labels=bool(table.labels.min() >= 0),
         seed=seed, rank=rank, device=device, channels_last=channels_last,
     )
@@ -161,19 +176,83 @@ def build_ffcv_loader(
 
 def _beton_for(*, source: str, data_path: str | None, synthetic_params: dict | None, max_resolution: int,
                num_workers: int) -> Path:
-    """The .beton to read: data_path itself, or the cached conversion of an image folder."""
+    """The .beton to read: data_path itself, or the cached conversion of an image folder.
+
+    The cache is keyed by a digest of the folder's contents (every file's name, label and bytes: a changed
+    image is a new key), and beside each .beton fastssl writes a record of what it converted: that digest,
+    the .beton's own digest and size, and its number of records. A cached file that does not match its
+    record (planted, edited, cut short) or has none is converted again, with a warning.
+    """
     if source == "ffcv":
         if not data_path or not Path(data_path).is_file():
             raise FileNotFoundError(f"ffcv source: no .beton at {data_path!r}")
         return Path(data_path)
     folder = resolve_image_folder(source=source, data_path=data_path, split="train", synthetic_params=synthetic_params)
     listing = list_samples(folder, data_limit=-1)
-    key = hashlib.sha256("\n".join([str(max_resolution), *listing.paths]).encode()).hexdigest()[:16]
-    beton = cache_dir() / "ffcv" / f"{Path(folder).name}-{key}.beton"
-    if not beton.exists():
-        convert_image_folder(folder, beton, max_resolution=max_resolution, write_mode="proportion", jpeg_quality=90,
-                             compress_probability=0.5, num_workers=num_workers, progress=False)
+    source_digest = _contents_digest(folder, listing, max_resolution=max_resolution, num_workers=num_workers)
+    beton = cache_dir() / "ffcv" / f"{Path(folder).name}-{source_digest[:16]}.beton"
+    record_path = beton.with_name(beton.name + ".json")
+    if beton.exists():
+        problem = _cache_mismatch(beton, record_path, source_digest=source_digest) or _listing_mismatch(beton, listing)
+        if problem is None:
+            return beton
+        log.warning("cached %s %s: converting %s again", beton, problem, folder)
+    written = convert_image_folder(folder, beton, max_resolution=max_resolution, write_mode="proportion",
+                                   jpeg_quality=90, compress_probability=0.5, num_workers=num_workers, progress=False)
+    record = {"source_digest": source_digest, "beton_digest": _file_digest(beton),
+              "beton_bytes": beton.stat().st_size, "records": len(written)}
+    temporary = record_path.with_name(f".{record_path.name}.tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(record))
+    os.replace(temporary, record_path)
+    problem = _listing_mismatch(beton, listing)
+    if problem is not None:  # the folder changed during the conversion
+        raise BetonError(f"{beton} {problem}")
     return beton
+
+
+def _contents_digest(folder, listing: ImageList, *, max_resolution: int, num_workers: int) -> str:
+    """blake2b of the conversion settings and, for every file of the listing, its path under `folder`, its
+    label and its bytes (read in parallel: hashing releases the GIL)."""
+    with ThreadPoolExecutor(max(1, num_workers)) as pool:
+        file_digests = list(pool.map(_file_digest, listing.paths))
+    digest = hashlib.blake2b(f"fastssl-ffcv-cache 1\n{max_resolution}\n".encode())
+    for path, label, file_digest in zip(listing.paths, listing.labels.tolist(), file_digests):
+        digest.update(f"{os.path.relpath(path, folder)}\0{label}\0{file_digest}\n".encode())
+    return digest.hexdigest()
+
+
+def _file_digest(path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "blake2b").hexdigest()
+
+
+def _cache_mismatch(beton: Path, record_path: Path, *, source_digest: str) -> str | None:
+    """None when `beton` is the file fastssl converted for `source_digest`, else what differs."""
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        return "has no record of its conversion"
+    if not isinstance(record, dict) or record.get("source_digest") != source_digest:
+        return "was not converted from these files"
+    if beton.stat().st_size != record.get("beton_bytes") or _file_digest(beton) != record.get("beton_digest"):
+        return "is not the file that was converted (its size or contents changed)"
+    return None
+
+
+def _listing_mismatch(beton: Path, listing: ImageList) -> str | None:
+    """None when the records of `beton` are the folder's files (each with its label) less unreadable ones,
+    else what differs. Only files missing from the .beton are decoded, up to the first readable one: an
+    honest conversion misses only unreadable files, a planted one (64 records for a folder of 2,000) is
+    found at once. Raises BetonError for a file that is not a valid .beton at all."""
+    table = read_beton_table(beton)
+    if table.indices[-1] >= len(listing) or not np.array_equal(table.labels, listing.labels[table.indices]):
+        return f"holds {len(table.indices)} records that are not files of the {len(listing)} listed"
+    missing = np.setdiff1d(np.arange(len(listing)), table.indices)
+    readable = next((i for i in missing.tolist() if why_unreadable(listing.paths[i]) is None), None)
+    if readable is not None:
+        return (f"holds {len(table.indices)} records for {len(listing)} files, and lacks {listing.paths[readable]}, "
+                "which decodes")
+    return None
 
 
 def _mix_seed(*values: int) -> int:

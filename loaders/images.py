@@ -12,7 +12,6 @@ dataset is a one-line DatasetError.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
@@ -21,7 +20,6 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -32,8 +30,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".t
 # Larger images are decoded at reduced scale (JPEG draft) or reduced after decoding: a 16 MP
 # image already holds far more detail than any crop uses.
 MAX_DECODED_PIXELS = 1 << 24
-# Beyond this a non-JPEG is not decoded at all (a 1 GP RGB image alone is 3 GB).
-MAX_UNDRAFTABLE_PIXELS = 1 << 30
+# Beyond this no image is decoded at all: a skip (set_pixel_limit: DATA.MAX_IMAGE_PIXELS, whose default is this).
+# A 16-bit PNG of 30000x30000 pixels is 1.75 MB on disk and 5.8 GB decoded.
+MAX_IMAGE_PIXELS = 1 << 27
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
@@ -72,11 +71,24 @@ def list_images(root: str | Path, *, data_limit: int) -> tuple[list[str], list[i
 
 def _image_files(directory: Path) -> list[str]:
     """Image files anywhere under directory, sorted. os.walk reads file types from the directory
-    listing, so a 1.3M-image ImageNet folder is listed without a stat per file."""
-    found = []
+    listing, so a 1.3M-image ImageNet folder is listed without a stat per file.
+
+    Directory links are followed, but every real directory is listed once: a link back into a folder
+    already listed (a loop such as `ln -s . again`, which would list the folder for ever) or to one
+    listed through another link is skipped, and the skipped links are counted in one warning."""
+    found, seen, skipped = [], set(), []
     for parent, subdirectories, names in os.walk(directory, followlinks=True):
+        status = os.stat(parent)
+        if (status.st_dev, status.st_ino) in seen:
+            skipped.append(parent)
+            subdirectories[:] = []
+            continue
+        seen.add((status.st_dev, status.st_ino))
         subdirectories[:] = [d for d in subdirectories if not d.startswith(".")]
         found.extend(os.path.join(parent, n) for n in names if _is_image_name(n))
+    if skipped:
+        log.warning("skipped %d directory link(s) under %s that lead to a folder already listed (a loop or a "
+                    "duplicate), first: %s", len(skipped), directory, skipped[0])
     return sorted(found)
 
 
@@ -88,33 +100,30 @@ def _is_image(entry: os.DirEntry) -> bool:
     return _is_image_name(entry.name) and entry.is_file()
 
 
-@contextlib.contextmanager
-def _no_pixel_limit() -> Iterator[None]:
-    """Lift PIL's decompression-bomb check for one open: load_rgb applies its own size policy."""
-    limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
+def set_pixel_limit(max_pixels: int) -> None:
+    """DATA.MAX_IMAGE_PIXELS, for this process and the workers it forks: a file declaring more pixels is an
+    UnreadableImage (a counted skip) before anything is decoded, and PIL's own decompression-bomb guard
+    (a warning above the limit, an error at twice it) stays on at the same limit."""
+    global MAX_IMAGE_PIXELS
+    MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS = int(max_pixels)
 
 
 def load_rgb(path: str) -> Image.Image:
     """Decode a file into an 8-bit RGB PIL image, or raise UnreadableImage.
 
     Converts grayscale, palette, CMYK, alpha (dropped) and 16-bit images (scaled to 8 bits);
-    decodes images over MAX_DECODED_PIXELS at reduced scale.
+    decodes images over MAX_DECODED_PIXELS at reduced scale; refuses images over MAX_IMAGE_PIXELS.
     """
     try:
-        with _no_pixel_limit(), Image.open(path) as image:
+        with Image.open(path) as image:
             width, height = image.size
-            if width * height > MAX_DECODED_PIXELS:
+            if width * height > MAX_IMAGE_PIXELS:
+                raise UnreadableImage(f"{width}x{height} pixels is over the limit of {MAX_IMAGE_PIXELS} "
+                                      "(DATA.MAX_IMAGE_PIXELS)")
+            if width * height > MAX_DECODED_PIXELS and image.format == "JPEG":
+                # The JPEG decoder scales by 1/2, 1/4 or 1/8 while decoding: never holds the full image.
                 factor = math.sqrt(width * height / MAX_DECODED_PIXELS)
-                if image.format == "JPEG":
-                    # The JPEG decoder scales by 1/2, 1/4 or 1/8 while decoding: never holds the full image.
-                    image.draft("RGB", (math.ceil(width / factor), math.ceil(height / factor)))
-                elif width * height > MAX_UNDRAFTABLE_PIXELS:
-                    raise UnreadableImage(f"{width}x{height} pixels is too large to decode")
+                image.draft("RGB", (math.ceil(width / factor), math.ceil(height / factor)))
             image.load()
             rgb = _to_rgb(image)
         if rgb.width * rgb.height > MAX_DECODED_PIXELS:
@@ -208,6 +217,9 @@ def why_unreadable(path: str, formats: frozenset[str] | None = None) -> str | No
     """None when `path` decodes (in one of `formats`, PIL's names; None: any), else why not."""
     try:
         with Image.open(path) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                return (f"{image.width}x{image.height} pixels is over the limit of {MAX_IMAGE_PIXELS} "
+                        "(DATA.MAX_IMAGE_PIXELS)")
             if formats is not None and image.format not in formats:
                 return f"format {image.format} is not one of {sorted(formats)}"
             if image.format == "JPEG":
@@ -222,9 +234,6 @@ def why_unreadable(path: str, formats: frozenset[str] | None = None) -> str | No
 
 
 def _check_worker_init() -> None:
-    # Pool initializer. load_rgb applies its own size policy; PIL's bomb check would refuse
-    # large JPEGs that the draft decode reads cheaply. Only this worker process is affected.
-    Image.MAX_IMAGE_PIXELS = None
     # A forked worker inherits fastssl-train's SIGTERM / SIGUSR1 handler (dist.StopOnSignal), which only
     # records the signal: Pool.terminate's SIGTERM would then leave a worker blocked on the task queue's lock
     # and the pool's join hanging for ever (seen in the fault harness). Workers die on it, as by default.

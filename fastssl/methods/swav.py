@@ -6,6 +6,7 @@ prototype normalisation. Semantics are VISSL's ``swav_loss``.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,11 @@ from .base import Method, RunInfo
 def rounded_queue_length(queue_length: int, *, global_batch_size: int) -> int:
     """The queue rounded down to whole global batches (VISSL's infer_losses_config); split evenly over ranks."""
     return queue_length - queue_length % global_batch_size
+
+
+def _host_memory_bytes() -> int:
+    """This machine's physical memory: the queue is built on the host first."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 class SwAV(Method):
@@ -48,6 +54,11 @@ class SwAV(Method):
         self._debug: dict = {}
         # The queue holds past embeddings of the assigned crops, uniform init as in VISSL; they are
         # scored with the current prototypes at every step (section 4.3 of the paper, "small batches").
+        queue_bytes = 4 * len(crops_for_assign) * local_queue_length * embedding_dim
+        if queue_bytes > _host_memory_bytes() // 4:
+            raise ValueError(f"swav_loss.queue: {local_queue_length} x {len(crops_for_assign)} crops x {embedding_dim} "
+                             f"dims per rank is {queue_bytes / 2**30:.1f} GiB, more than a quarter of this machine's "
+                             f"{_host_memory_bytes() / 2**30:.1f} GiB of memory")
         stdv = 1.0 / math.sqrt(embedding_dim / 3)
         queue = (torch.rand(len(crops_for_assign), local_queue_length, embedding_dim) * 2 - 1) * stdv
         self.register_buffer("queue", queue)  # (num_assigned_crops, local_queue_length, D)

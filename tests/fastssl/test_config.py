@@ -64,7 +64,7 @@ def test_split_arguments_rewrites_groups():
 
 
 @pytest.mark.parametrize("override,message", [
-    ("config.OPTIMIZER.num_epochs=0", "config.OPTIMIZER.num_epochs=0 is out of range: it must be > 0"),
+    ("config.OPTIMIZER.num_epochs=0", "config.OPTIMIZER.num_epochs=0 is out of range: it must be [1, 100000]"),
     ("config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=-4", "BATCHSIZE_PER_REPLICA=-4 is out of range"),
     ("config.LOSS.swav_loss.epsilon=0", "config.LOSS.swav_loss.epsilon=0 is out of range"),
     ("config.LOSS.nce_loss_with_memory.temperature=-0.1", "temperature=-0.1 is out of range"),
@@ -75,4 +75,17 @@ def test_split_arguments_rewrites_groups():
 ])
 def test_values_out_of_their_declared_range_are_refused_before_training(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
+        compose_config(["config=pretrain/swav/swav_1node_cpu_resnet18", override])
+
+
+@pytest.mark.parametrize("override", [
+    "config.OPTIMIZER.num_epochs=100000000", "config.LOSS.swav_loss.queue.queue_length=10000000",
+    "config.DATA.TRAIN.SYNTHETIC.IMAGE_SIZE=20000", "config.DATA.TRAIN.SYNTHETIC.TRAIN_PER_CLASS=10000000",
+    "config.DATA.TRAIN.SYNTHETIC.VAL_PER_CLASS=10000000", "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=10000000",
+    "config.DATA.NUM_DATALOADER_WORKERS=100000", "config.DATA.MAX_IMAGE_PIXELS=0",
+    "config.LOSS.deepclusterv2_loss.num_clusters=[3000, 100000000]",
+])
+def test_what_a_config_asks_for_is_bounded_above_before_anything_is_allocated(override):
+    """issue 23: each of these took gigabytes or minutes before failing (or not failing)."""
+    with pytest.raises(ConfigError, match=r"is out of range: it must be \[\d+, \d+\]"):
         compose_config(["config=pretrain/swav/swav_1node_cpu_resnet18", override])

@@ -105,3 +105,24 @@ def test_larc_over_a_whole_group_equals_the_per_parameter_formula(clip):
     optimizer.step()
     for p, e in zip(model.parameters(), expected):
         assert torch.allclose(p, e, atol=1e-6)
+
+
+def test_a_schedule_of_millions_of_steps_is_built_at_once_and_a_run_beyond_the_bound_is_refused():
+    """issue 23: num_epochs=1e8 spent minutes in a Python loop over the steps before training."""
+    import time
+
+    from fastssl.config import ConfigError
+    from fastssl.run_data import MAX_TOTAL_STEPS
+
+    spec = {"name": "composite", "lengths": [0.1, 0.9], "interval_scaling": ["rescaled", "fixed"],
+            "schedulers": [{"name": "linear", "start_value": 0.0, "end_value": 1.0},
+                           {"name": "cosine", "start_value": 1.0, "end_value": 0.0}],
+            "value": 0.0, "start_value": 0.0, "end_value": 0.0, "values": [], "milestones": []}
+    start = time.perf_counter()
+    lr = precompute_schedule(spec, total_steps=2_000_000, steps_per_epoch=1000, update_interval="step")
+    assert time.perf_counter() - start < 3.0  # the loop took about 40 s on the same machine
+    assert lr[0] == 0.0 and lr[100_000] == pytest.approx(0.5) and lr[-1] == pytest.approx(0.0, abs=1e-9)
+    assert lr[1_200_000] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.6)))  # fixed: the run's own progress
+    cfg = compose_config(["config=pretrain/swav/swav_1node_cpu_resnet18", "config.OPTIMIZER.num_epochs=100000"])
+    with pytest.raises(ConfigError, match=f"is {100000 * 400} steps, more than the {MAX_TOTAL_STEPS}"):
+        derive(cfg, world_size=1, num_samples=400 * 64, iterations_per_epoch=400)

@@ -115,3 +115,13 @@ def test_hard_assignment_phase_uses_one_hot_targets():
     soft = make_swav(temp_hard_assignment_iters=0).loss((torch.zeros(24, 8), [scores]), batch_of(6), step=0)
     hard = make_swav(temp_hard_assignment_iters=5).loss((torch.zeros(24, 8), [scores]), batch_of(6), step=0)
     assert not torch.isclose(soft, hard)
+
+
+def test_a_queue_larger_than_a_quarter_of_the_machine_is_refused_before_it_is_allocated(monkeypatch):
+    """issue 23: queue_length=1e7 reached 6 GB before anything said no."""
+    from fastssl.methods import swav
+
+    monkeypatch.setattr(swav, "_host_memory_bytes", lambda: 64 * 2**20)  # a 64 MiB machine
+    make_swav(local_queue_length=100_000, embedding_dim=8)  # 6.1 MiB: fits
+    with pytest.raises(ValueError, match=r"swav_loss.queue: 1000000 x 2 crops x 8 dims per rank is 0.1 GiB"):
+        make_swav(local_queue_length=1_000_000, embedding_dim=8)

@@ -129,3 +129,35 @@ def test_demo_beats_a_random_trunk(tmp_path, capsys):
     assert evaluate(["knn", "--checkpoint", str(tmp_path), "--baselines"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["knn_top1"]
     assert report["trained"] > max(report["random_bn_init"], report["random_bn_reestimated"]) + 5
+
+
+def test_sigterm_during_set_up_ends_the_run_at_once_and_leaves_no_staging_folder(tmp_path):
+    """issue 23: before the first step SIGTERM was only recorded, so a run generating its data (or building a
+    large model) went on for minutes and needed SIGKILL. Now it ends at once, 128 + 15, with one line."""
+    import os
+    import signal
+    import time
+
+    cache = tmp_path / "cache"
+    command = [sys.executable, "-m", "fastssl.train", *CPU, "config.MACHINE.DEVICE=cpu",
+               "config.DATA.TRAIN.SYNTHETIC.TRAIN_PER_CLASS=3000", "config.DATA.TRAIN.DATA_LIMIT=-1",
+               f"config.CHECKPOINT.DIR={tmp_path / 'run'}"]
+    process = subprocess.Popen(command, cwd=tmp_path, env={**os.environ, "FASTSSL_CACHE": str(cache)},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 600  # a loaded 2-core machine took minutes to start the generation
+    try:
+        while not list(cache.glob(".synthetic-*.tmp-*/train/*/*.jpg")):
+            assert process.poll() is None and time.monotonic() < deadline, "the generation never started"
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGTERM)  # as SLURM and torchrun signal a job: its whole process group
+        _, stderr = process.communicate(timeout=300)  # the exit itself can take a while on a loaded machine
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert stderr.strip().splitlines()[-1] == ("fastssl-train: stopped by SIGTERM during set-up, before the first "
+                                                "step: nothing was trained and no checkpoint written"), stderr
+    assert "Traceback" not in stderr
+    assert [p.name for p in cache.iterdir()] == []  # the staging folder went with the run
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

@@ -137,8 +137,7 @@ def _bad_folder(root):
 
 def test_bad_inputs_are_converted_or_skipped(tmp_path, small_recipe, caplog, monkeypatch):
     _bad_folder(tmp_path / "bad")
-    # Scaled-down limits: 06_huge.jpg is a "decompression bomb" to PIL and above the decode limit.
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)
+    # A scaled-down limit: 06_huge.jpg is above the decode limit (decoded reduced) and below DATA.MAX_IMAGE_PIXELS.
     monkeypatch.setattr(images, "MAX_DECODED_PIXELS", 90_000)
     loader = _train_loader(tmp_path / "bad", small_recipe, source="disk_folder", batch_size=13)
     assert loader.num_samples == 13

@@ -1,12 +1,16 @@
 """Listing image folders and decoding any image to 8-bit RGB (loaders.images)."""
 from __future__ import annotations
 
+import logging
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from loaders import images
-from loaders.images import UnreadableImage, list_images, load_rgb
+from loaders.images import UnreadableImage, check_images, list_images, list_samples, load_rgb, why_unreadable
 
 
 def _save(path, array):
@@ -58,6 +62,26 @@ def test_load_rgb_converts_modes(tmp_path):
     assert np.asarray(load_rgb(str(rgba)))[0, 0].tolist() == [200, 200, 200]
 
 
+def test_directory_links_into_a_loop_are_listed_once_and_counted(tmp_path, caplog):
+    """Two links to `.` in a class folder listed its images 41 times, then filled the memory (issue 23)."""
+    pixels = np.zeros((4, 4, 3), np.uint8)
+    for name in ("cat/1.png", "cat/sub/2.png", "dog/3.png", "shared/4.png"):
+        _save(tmp_path / name, pixels)
+    root = tmp_path / "tree"
+    root.mkdir()
+    for name in ("cat", "dog"):
+        os.symlink(tmp_path / name, root / name)  # class folders that are links are followed
+    os.symlink(".", tmp_path / "cat" / "again")
+    os.symlink(".", tmp_path / "cat" / "sub" / "again")
+    os.symlink("..", tmp_path / "cat" / "sub" / "up")
+    os.symlink(tmp_path / "shared", tmp_path / "dog" / "shared")  # a link to a folder not listed otherwise
+    with caplog.at_level(logging.WARNING):
+        paths, labels, _ = list_images(root, data_limit=-1)
+    assert [p.split("tree/")[1] for p in paths] == ["cat/1.png", "cat/sub/2.png", "dog/3.png", "dog/shared/4.png"]
+    assert labels == [0, 0, 1, 1]
+    assert "skipped 3 directory link(s)" in caplog.text
+
+
 def test_load_rgb_rejects_what_cannot_be_decoded(tmp_path):
     good = _save(tmp_path / "good.jpg", np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     (tmp_path / "truncated.jpg").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
@@ -71,18 +95,39 @@ def test_load_rgb_rejects_what_cannot_be_decoded(tmp_path):
             load_rgb(str(tmp_path / name))
 
 
-def test_huge_images_load_reduced(tmp_path, monkeypatch):
+def test_huge_images_load_reduced_and_those_over_the_pixel_limit_are_refused(tmp_path, monkeypatch):
     jpeg = _save(tmp_path / "huge.jpg", np.full((400, 600, 3), 90, np.uint8))
     png = _save(tmp_path / "huge.png", np.full((400, 600, 3), 90, np.uint8))
-    # Scaled-down limits stand in for gigapixel files: PIL alone raises DecompressionBombError here.
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    # Scaled-down limits stand in for gigapixel files.
     monkeypatch.setattr(images, "MAX_DECODED_PIXELS", 20000)
-    with pytest.raises(Image.DecompressionBombError):
-        Image.open(jpeg)
     for path in (jpeg, png):
         image = load_rgb(str(path))
         assert image.width * image.height <= 20000 and image.width / image.height == pytest.approx(1.5, rel=0.02)
-    assert Image.MAX_IMAGE_PIXELS == 1000  # the caller's limit is restored
-    monkeypatch.setattr(images, "MAX_UNDRAFTABLE_PIXELS", 100000)
-    with pytest.raises(UnreadableImage, match="too large"):
-        load_rgb(str(png))
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", images.MAX_IMAGE_PIXELS)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+    images.set_pixel_limit(100000)
+    assert Image.MAX_IMAGE_PIXELS == 100000  # PIL's decompression-bomb guard is on, at the same limit
+    for path in (jpeg, png):
+        with pytest.raises(UnreadableImage, match="limit of (100000|200000)"):  # ours, or PIL's at twice it
+            load_rgb(str(path))
+        assert "limit of" in why_unreadable(str(path))
+
+
+def test_a_decompression_bomb_is_a_counted_skip_under_the_default_limit(tmp_path, caplog):
+    """A 16-bit PNG declaring 30000x30000 pixels (900 MP: 5.8 GB when decoded) is skipped unread."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    folder = tmp_path / "data" / "only"
+    folder.mkdir(parents=True)
+    header = struct.pack(">IIBBBBB", 30000, 30000, 16, 0, 0, 0, 0)
+    (folder / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                                      + chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + chunk(b"IEND", b""))
+    _save(folder / "good.png", np.zeros((8, 8, 3), np.uint8))
+    with caplog.at_level(logging.WARNING):
+        kept = check_images(list_samples(tmp_path / "data", data_limit=-1), num_workers=1, progress=False)
+    assert [Path(p).name for p in kept.paths] == ["good.png"]
+    assert "skipped 1 of 2" in caplog.text and "bomb.png (DecompressionBombError" in caplog.text

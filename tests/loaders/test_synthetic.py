@@ -116,3 +116,35 @@ def test_muted_light_on_dark():
             luma = pixels @ np.array([0.299, 0.587, 0.114], np.float32)
             dark, light = np.percentile(luma, [10, 90])
             assert dark < 0.4 and light > 0.6
+
+
+def test_staging_left_by_a_killed_generation_is_removed_and_nothing_else(tmp_path):
+    """issue 23: TRAIN_PER_CLASS=1e7 killed mid-generation left 575 MB of staging behind for ever."""
+    import os
+    import socket
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a process id that no longer exists
+    mark = synthetic._STAGING_MARK
+    left = {"dead": {"host": socket.gethostname(), "pid": dead.pid},
+            "alive": {"host": socket.gethostname(), "pid": os.getpid()},
+            "other_host": {"host": "another-node", "pid": dead.pid}}
+    for name, content in left.items():
+        (tmp_path / f".data.tmp-{name}").mkdir()
+        (tmp_path / f".data.tmp-{name}" / mark).write_text(json.dumps(content))
+    (tmp_path / ".data.tmp-unmarked").mkdir()  # not fastssl's mark: left alone
+    (tmp_path / ".data.tmp-unmarked" / "notes.txt").write_text("mine")
+    root = ensure_synthetic_dataset(tmp_path / "data", seed=0, **PARAMS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".data.tmp-alive", ".data.tmp-other_host", ".data.tmp-unmarked", "data"]
+    assert (root / "train" / "ring").is_dir()
+
+
+def test_a_dataset_larger_than_the_free_disk_is_refused_before_writing(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 10**5, 10**5))
+    with pytest.raises(ValueError, match=r"synthetic dataset: 40 images of 24 px need about 0\.0 GB; .* has 0\.0 GB free"):
+        ensure_synthetic_dataset(tmp_path / "data", seed=0, **PARAMS)
+    assert list(tmp_path.iterdir()) == []
