@@ -321,13 +321,18 @@ def build_eval_folder_loader(
     *, source: str, data_path: str | None, split: str, image_size: int, batch_size: int, num_workers: int,
     data_limit: int, device: torch.device | str, dtype: torch.dtype, synthetic_params: dict[str, Any] | None,
     mean: tuple[float, float, float], std: tuple[float, float, float], rank: int, world_size: int,
-    resize_size: int | None, start_batch: int,
+    resize_size: int | None, start_batch: int, max_samples: int = 0,
 ) -> EvalLoader:
-    """The evaluation loader of one rank (see EvalLoader)."""
+    """The evaluation loader of one rank (see EvalLoader). max_samples > 0: at most that many samples, evenly
+    spaced over the dataset order (a fixed subset that keeps every class of a class-sorted folder)."""
     folder = resolve_image_folder(source=source, data_path=data_path, split=split, synthetic_params=synthetic_params)
     dataset = CenterCropFolder(folder, image_size=image_size, mean=mean, std=std, data_limit=data_limit,
                                resize_size=resize_size)
-    shard = shard_of(len(dataset), rank=rank, world_size=world_size)
+    indices = range(len(dataset))
+    if 0 < max_samples < len(dataset):
+        indices = indices[::math.ceil(len(dataset) / max_samples)]
+    part = shard_of(len(indices), rank=rank, world_size=world_size)
+    shard = indices[part.start:part.stop]
     batches = [[(index, 0) for index in shard[start : start + batch_size]]
                for start in range(0, len(shard), batch_size)][start_batch:]
     return EvalLoader(shard=shard, dataset=dataset, batch_sampler=batches, num_workers=num_workers,
