@@ -6,9 +6,11 @@ runs torchvision's functional ops with parameters drawn from a random.Random see
 (seed, epoch, dataset index). So a sample's crops depend on nothing else (not the worker
 count, not the process state), and resuming a checkpoint mid-epoch replays exactly.
 
-The ops are VISSL's own where VISSL uses PIL: the blur is PIL's ImageFilter.GaussianBlur(radius=
-sigma) (ImgPilGaussianBlur), solarize PIL's threshold at 128. A colour stage listed before the
-crop (recipe.colour_per_image) jitters the whole image once, then the crops are cut from it.
+The blur is VISSL's own op, PIL's ImageFilter.GaussianBlur(radius=sigma) (ImgPilGaussianBlur).
+Solarize inverts the pixels at or above a fixed threshold of 128: the BYOL paper's (table 6: x -> 1 - x
+where x >= 0.5) and DeepMind's, not VISSL's ImgPilRandomSolarize, which draws the threshold at random.
+A colour stage listed before the crop (recipe.colour_per_image) jitters the whole image once, then the
+crops are cut from it.
 
 Bad files never stop training: a file that fails to decode is replaced by the next readable
 index, and the failed path travels back with the sample so the main process counts it and logs
@@ -170,7 +172,7 @@ def augment_crop(image: Image.Image, *, crop: int, recipe: MultiCropRecipe, rng:
     # one small crop, and in the main process (num_workers=0) they fight the training step.
     pixels = np.asarray(out, dtype=np.float32) / 255  # (s, s, 3)
     if rng.random() < augmentation.solarize_p:
-        pixels = np.where(pixels >= 128 / 255, 1 - pixels, pixels)  # PIL's solarize at 128
+        pixels = np.where(pixels >= 128 / 255, 1 - pixels, pixels)  # the paper's fixed threshold (see above)
     return to_normalized_tensor(pixels, mean=recipe.mean, std=recipe.std)
 
 
