@@ -125,6 +125,23 @@ def test_one_prototype_for_every_sample_warns_at_once():
 
 # ---------------- end to end -------------------------------------------------------------------
 
+def test_stop_on_collapse_warns_checkpoints_and_stops(tmp_path, capsys):
+    """Every rank is below a MIN_RANK of 1000: after PATIENCE 2 log periods (steps 0 and 1), one warning, a
+    checkpoint at step 2 and a stop; without STOP_ON_COLLAPSE the same warning and the run goes on."""
+    low = ["config.MONITOR.EMBEDDING.MIN_RANK=1000", "config.MONITOR.EMBEDDING.PATIENCE=2"]
+    assert train_main(SWAV + low + [f"config.CHECKPOINT.DIR={tmp_path / 'stop'}",
+                                    "config.MONITOR.EMBEDDING.STOP_ON_COLLAPSE=True"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: the embedding looks collapsed at step 1: rank_trunk") == 1
+    assert "for 2 log periods in a row; stopping" in err and "the embedding collapsed (MONITOR.EMBEDDING" in err
+    assert latest_checkpoint(tmp_path / "stop").name == "checkpoint_step00000002.torch"
+    assert max(r["step"] for r in records(tmp_path / "stop")) == 1
+    assert train_main(SWAV + low + [f"config.CHECKPOINT.DIR={tmp_path / 'go_on'}", "config.OPTIMIZER.num_epochs=1"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("looks collapsed") == 1 and "STOP_ON_COLLAPSE=True stops a run here" in err
+    assert max(r["step"] for r in records(tmp_path / "go_on")) == 4
+
+
 def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -255,3 +272,31 @@ def test_wandb_logs_offline_beside_tensorboard(swav_run):
     pytest.importorskip("wandb")
     runs = list((swav_run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+def test_the_knn_of_two_ranks_equals_one_process(monkeypatch):
+    """Uneven shards (a bank of one in six of 40 training images: 7, as 3 + 4; held-out 20), gathered and summed."""
+    from rank_harness import run_ranks
+
+    from fastssl.monitor import KnnMonitor
+    from loaders.build import build_eval_loader
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+    def knn(rank, world_size):
+        def loader(split, max_samples):
+            return build_eval_loader(source="synthetic", data_path=None, split=split, image_size=32, batch_size=4,
+                                     num_workers=0, data_limit=-1, device="cpu", dtype=torch.float32,
+                                     synthetic_params=dict(root=None, image_size=32, train_per_class=4,
+                                                           val_per_class=2),
+                                     mean=(0.5,) * 3, std=(0.25,) * 3, rank=rank, world_size=world_size,
+                                     max_samples=max_samples)
+        torch.manual_seed(0)
+        trunk = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        monitor = KnnMonitor(bank_loader=loader("train", 7), test_loader=loader("val", 0), k=5, temperature=0.07,
+                             every_n_epochs=1, num_epochs=1)
+        return monitor.evaluate(trunk), len(monitor.bank_loader.shard)
+
+    one = knn(0, 1)
+    two = run_ranks(knn, world_size=2, deadline_s=120)
+    assert one[1] == 7 and [shard for _, shard in two] == [3, 4]
+    assert [figures for figures, _ in two] == [one[0], one[0]] and one[0][1] == 20
