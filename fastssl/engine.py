@@ -145,13 +145,9 @@ def train(*, model: nn.Module, trained_model: nn.Module, method: Method, optimiz
 
             # ---------------- log (device-side sums read once per period) ---------------------
             if window.steps == settings.log_frequency or end_of_epoch or state.step == total_steps:
-                _log_period(window, step=step, epoch=epoch, batch=batch, loss=loss, method=method,
-                            settings=settings, checkpoint=checkpoint, logger=logger, steps_done=state.step)
-
-            # ---------------- monitor: kNN on the held-out split (never changes the training) ----
-            if end_of_epoch and settings.monitor is not None:
-                settings.monitor.after_epoch(epoch=epoch, step=step, logger=logger)
-                window.start = time.perf_counter()  # the next period's images/s leaves the kNN pass out
+                _log_period(window, step=step, epoch=epoch, end_of_epoch=end_of_epoch, batch=batch, loss=loss,
+                            method=method, settings=settings, checkpoint=checkpoint, logger=logger,
+                            steps_done=state.step)
 
             # ---------------- checkpoint -------------------------------------------------------
             if end_of_epoch:
@@ -174,10 +170,11 @@ def train(*, model: nn.Module, trained_model: nn.Module, method: Method, optimiz
     return state
 
 
-def _log_period(window: MetricsWindow, *, step: int, epoch: int, batch, loss: torch.Tensor, method: Method,
-                settings: LoopSettings, checkpoint: TrainingCheckpoint, logger: RunLogger, steps_done: int) -> None:
-    """Read the period's device-side sums (and the monitor's figures) and log them; a non-finite loss dumps
-    the step's tensors and raises."""
+def _log_period(window: MetricsWindow, *, step: int, epoch: int, end_of_epoch: bool, batch, loss: torch.Tensor,
+                method: Method, settings: LoopSettings, checkpoint: TrainingCheckpoint, logger: RunLogger,
+                steps_done: int) -> None:
+    """Read the period's device-side sums and the monitor's figures (at the end of an epoch, the kNN on the
+    held-out split where it is due) and log them; a non-finite loss dumps the step's tensors and raises."""
     steps_in_window = window.steps
     bad, mean_loss, elapsed, wait = window.read()
     if bad >= 0:
@@ -191,6 +188,9 @@ def _log_period(window: MetricsWindow, *, step: int, epoch: int, batch, loss: to
               "data_wait_share": wait / elapsed, "seconds_per_step": elapsed / steps_in_window}
     if settings.monitor is not None:
         record.update(settings.monitor.log_figures())
+        if end_of_epoch:
+            record.update(settings.monitor.knn_figures(epoch=epoch))
+            window.start = time.perf_counter()  # the next period's images/s leaves the kNN pass out
     logger.log(record, steps_done=steps_done)
     if settings.monitor is not None:
         settings.monitor.check_collapse(record, logger)

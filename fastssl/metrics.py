@@ -92,12 +92,16 @@ class RunLogger:
             self.wandb.log(scalars, step=record["step"])
 
     def log(self, record: dict, *, steps_done: int) -> None:
-        """Record one metrics dict (step, epoch, loss, lr, images_per_s, data_wait_share, and the embedding
-        monitor's rank_trunk, rank_embedding, embedding_std_ratio, prototypes_in_use where measured)."""
+        """Record one metrics dict (step, epoch, loss, lr, images_per_s, data_wait_share, and the monitor's
+        rank_trunk, rank_embedding, embedding_std_ratio, prototypes_in_use, knn_top1 where measured)."""
         if not self.enabled:
             return
         self.jsonl.write(json.dumps({"time": time.time(), **record}) + "\n")
         self._scalars(record, "train")
+        if "knn_top1" in record:  # the kNN monitor's (fastssl/monitor.py): a line, and on the progress line from now on
+            self.latest_knn = record["knn_top1"]
+            self.info(f"fastssl: kNN top-1 {record['knn_top1']:.2f}% on {record['knn_images']} held-out images after "
+                      f"epoch {record['epoch'] + 1} (step {record['step'] + 1}), {record['knn_seconds']:.1f} s")
         watched = {"knn": f"{self.latest_knn:.1f}%"} if self.latest_knn is not None else {}
         if "rank_embedding" in record or "rank_trunk" in record:
             watched["rank"] = f"{record.get('rank_embedding', record.get('rank_trunk')):.1f}"
@@ -113,17 +117,6 @@ class RunLogger:
                   f"img/s {record['images_per_s']:.1f} data-wait {100 * record['data_wait_share']:.0f}% "
                   + "".join(f"{key} {value} " for key, value in watched.items())
                   + f"eta {remaining / 60:.1f} min", flush=True)
-
-    def log_monitor(self, record: dict) -> None:
-        """A kNN record of the monitor (fastssl/monitor.py): metrics.jsonl with "phase": "knn", TensorBoard and
-        W&B under monitor/, one printed line, and the figure on the progress line from then on."""
-        if not self.enabled:
-            return
-        self.latest_knn = record["knn_top1"]
-        self.jsonl.write(json.dumps({"time": time.time(), "phase": "knn", **record}) + "\n")
-        self._scalars(record, "monitor")
-        self.info(f"fastssl: kNN top-1 {record['knn_top1']:.2f}% on {record['knn_images']} held-out images after "
-                  f"epoch {record['epoch'] + 1} (step {record['step'] + 1}), {record['knn_seconds']:.1f} s")
 
     def log_final(self, metrics: dict, *, step: int) -> None:
         """The run's final metrics (method.on_train_end): one printed line, one metrics.jsonl record with

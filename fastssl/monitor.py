@@ -182,7 +182,8 @@ class EmbeddingMonitor:
 
 class RunMonitor:
     """What the loop calls: the embedding figures of each log period (and the collapse check), the kNN
-    after every EVERY_N_EPOCHS epochs. Either part may be off (None)."""
+    after every EVERY_N_EPOCHS epochs (in the record of the epoch's last log period). Either part may be off
+    (None)."""
 
     def __init__(self, *, trunk: nn.Module, knn: KnnMonitor | None, embedding: EmbeddingMonitor | None):
         self.trunk, self.knn, self.embedding = trunk, knn, embedding
@@ -201,11 +202,10 @@ class RunMonitor:
                                                       "; MONITOR.EMBEDDING.STOP_ON_COLLAPSE=True stops a run here"))
         self.collapse_stop = stop
 
-    def after_epoch(self, *, epoch: int, step: int, logger) -> None:
-        """The kNN record, when epoch ``epoch`` (0-based) completes a period or the run."""
+    def knn_figures(self, *, epoch: int) -> dict:
+        """The kNN figures, when epoch ``epoch`` (0-based) completes a period or the run; else {}."""
         if self.knn is None or not self.knn.due(epoch + 1):
-            return
+            return {}
         start = time.perf_counter()
         top1, num_images = self.knn.evaluate(self.trunk)
-        logger.log_monitor({"step": step, "epoch": epoch, "knn_top1": top1, "knn_images": num_images,
-                            "knn_seconds": time.perf_counter() - start, "knn_seconds_total": self.knn.seconds})
+        return {"knn_top1": top1, "knn_images": num_images, "knn_seconds": time.perf_counter() - start}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 SOFTWARE = "fastssl-plot"
 CURVES_FILE = "curves.png"
-# (panel title, record key(s) and line style, y label); kNN records carry "phase": "knn".
+# (panel title, record key(s) and line style, y label): the keys of metrics.jsonl (fastssl/metrics.py).
 PANELS = (("loss", [("loss", "-")], "loss"),
           ("learning rate", [("lr", "-")], "lr"),
           ("throughput", [("images_per_s", "-")], "images/s"),
@@ -139,7 +139,7 @@ def plot_neighbours(queries: list[dict], output: Path, *, title: str, software: 
             axis.set_yticks([])
         row[0].set_ylabel("held-out", fontsize=7)
     figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.3 / figure.get_figheight()))  # room for the title
     output.parent.mkdir(parents=True, exist_ok=True)
     temporary = output.with_name(output.name + ".tmp.png")
     figure.savefig(temporary, dpi=80, metadata={"Software": software})
