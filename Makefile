@@ -1,5 +1,6 @@
 # fastssl: the two commands of the README, each idempotent on a fresh Debian machine.
 #   make demo   installs everything, trains SwAV on Fashion-MNIST, reports kNN accuracy against a random trunk
+#               (also while training), leaves the run's curves and a neighbour grid as PNGs
 #   make test   installs everything, runs the test suite
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -33,6 +34,8 @@ DEMO := pretrain/swav/swav_1node_cpu_fmnist_resnet18
 demo: $(STAMP)
 	$(BIN)/fastssl-train config=$(DEMO)
 	$(BIN)/fastssl-eval knn --checkpoint checkpoints/swav_1node_cpu_fmnist_resnet18 --baselines
+	$(BIN)/fastssl-eval neighbours --checkpoint checkpoints/swav_1node_cpu_fmnist_resnet18
+	@echo "fastssl: curves in checkpoints/swav_1node_cpu_fmnist_resnet18/curves.png, neighbours in checkpoints/swav_1node_cpu_fmnist_resnet18/neighbours.png"
 
 # The demo with the CPU's kernels held to those of a 2-core AVX2 machine, so that x86-64 CPUs with AVX2 compute
 # the same losses and trunk (checked on the built-in dataset on an AVX2-only and an AVX-512 AMD EPYC), at up to

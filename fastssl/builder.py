@@ -23,6 +23,7 @@ from .clusterfit import ClusterFeaturesJob
 from .config import ROOT_DEFAULTS, ConfigError
 from .engine import LoopSettings
 from .metrics import RunLogger, notice
+from .monitor import EmbeddingMonitor, KnnMonitor, RunMonitor, preserved_random_state
 from .methods import METHODS, Method, RunInfo
 from .methods.swav import rounded_queue_length
 from .models.model import SSLModel
@@ -254,12 +255,58 @@ def build_run(cfg: DictConfig, *, info: dist.DistInfo, device: torch.device, sto
         checkpoint_every_epochs=cfg.CHECKPOINT.CHECKPOINT_FREQUENCY,
         checkpoint_every_steps=cfg.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY, frozen_params=frozen_parameters(cfg, model),
         rank=info.rank, images_per_step=derived.global_batch_size, stop_requested=stop_requested)
+    settings.monitor = build_monitor(cfg, model=model, method=method, info=info, device=device)
+    wandb = cfg.HOOKS.WANDB
     logger_options = dict(directory=checkpoint_dir, enabled=info.is_main,
                           use_tensorboard=cfg.HOOKS.TENSORBOARD_SETUP.USE_TENSORBOARD,
-                          progress_bar=cfg.HOOKS.PROGRESS_BAR and sys.stdout.isatty())
+                          progress_bar=cfg.HOOKS.PROGRESS_BAR and sys.stdout.isatty(),
+                          wandb_options=dict(project=wandb.PROJECT, mode=wandb.MODE, config=OmegaConf.to_container(cfg))
+                          if wandb.ENABLED else None)
     return Run(device=device, loader=loader, derived=derived, model=model, trained_model=trained_model, method=method,
                optimizer=optimizer, scaler=scaler, checkpoint=checkpoint, settings=settings,
                auto_resume=cfg.CHECKPOINT.AUTO_RESUME, logger_options=logger_options, test_loader=test_loader)
+
+
+def knn_held_out_path(cfg: DictConfig) -> str | None:
+    """The kNN monitor's held-out folder: DATA.TEST's where it names one, else the run's own held-out split as
+    ``fastssl-eval knn`` finds it (None: the built-in dataset's)."""
+    test = cfg.DATA.TEST
+    if list(test.DATA_SOURCES) == ["disk_folder"] and list(test.DATA_PATHS):
+        return test.DATA_PATHS[0]
+    from .evaluate import held_out_folder  # fastssl/evaluate.py imports this module
+    return held_out_folder(cfg, val_path=None, val_per_class=0)
+
+
+def build_monitor(cfg: DictConfig, *, model: SSLModel, method: Method, info: dist.DistInfo,
+                  device: torch.device) -> RunMonitor | None:
+    """MONITOR.KNN's held-out kNN (its loaders: this rank's shards of a fixed subset of BANK_SIZE training
+    images and of the held-out split) and MONITOR.EMBEDDING's figures; None when both are off. Built with
+    every random stream left as it was, so that a run trains the same with the monitor and without."""
+    knn_cfg, embedding_cfg = cfg.MONITOR.KNN, cfg.MONITOR.EMBEDDING
+    if not (knn_cfg.ENABLED or embedding_cfg.ENABLED):
+        return None
+    knn = None
+    if knn_cfg.ENABLED:
+        common = dict(image_size=0, batch_size=knn_cfg.BATCHSIZE_PER_REPLICA, device=device, rank=info.rank,
+                      world_size=info.world_size, num_workers=min(cfg.DATA.NUM_DATALOADER_WORKERS, 2))
+        try:
+            with preserved_random_state(device):
+                bank = build_eval_data(cfg, split="train", data_path=None, max_samples=knn_cfg.BANK_SIZE, **common)
+                test = build_eval_data(cfg, split="val", data_path=knn_held_out_path(cfg), **common)
+        except (FileNotFoundError, ValueError) as error:
+            raise ConfigError(f"config.MONITOR.KNN needs a labelled held-out split (DATA.TEST.DATA_SOURCES="
+                              f"[disk_folder] with DATA.TEST.DATA_PATHS, or MONITOR.KNN.ENABLED=False): {error}")
+        knn = KnnMonitor(bank_loader=bank, test_loader=test, k=knn_cfg.K, temperature=knn_cfg.TEMPERATURE,
+                         every_n_epochs=knn_cfg.EVERY_N_EPOCHS, num_epochs=cfg.OPTIMIZER.num_epochs,
+                         group=dist.global_group())
+        notice(f"kNN monitor: {len(bank.shard)} bank images on this rank, {len(test.shard)} held-out images, every "
+               f"{knn_cfg.EVERY_N_EPOCHS} epoch(s)")
+    embedding = None
+    if embedding_cfg.ENABLED:
+        embedding = EmbeddingMonitor(model=model, method=method, min_rank=embedding_cfg.MIN_RANK,
+                                     min_std_ratio=embedding_cfg.MIN_STD_RATIO, patience=embedding_cfg.PATIENCE,
+                                     stop_on_collapse=embedding_cfg.STOP_ON_COLLAPSE, group=dist.global_group())
+    return RunMonitor(trunk=model.trunk, knn=knn, embedding=embedding)
 
 
 # ---------------- ClusterFit step 1 (ENGINE_NAME cluster_features) -----------------------------------

@@ -13,6 +13,7 @@ from torch import nn
 from .checkpoint import TrainingCheckpoint, TrainState
 from .methods.base import Method
 from .metrics import RunLogger
+from .monitor import RunMonitor
 
 
 class NonFiniteLossError(RuntimeError):
@@ -32,6 +33,7 @@ class LoopSettings:
     rank: int = 0
     images_per_step: int = 0                 # global images per step, for images/s
     stop_requested: object = None            # callable -> bool: checkpoint and stop at the next boundary
+    monitor: RunMonitor | None = None        # kNN and embedding figures (fastssl/monitor.py)
 
 
 def _dump_non_finite(*, directory: Path, batch, loss, method: Method, step: int, rank: int) -> Path:
@@ -143,35 +145,55 @@ def train(*, model: nn.Module, trained_model: nn.Module, method: Method, optimiz
 
             # ---------------- log (device-side sums read once per period) ---------------------
             if window.steps == settings.log_frequency or end_of_epoch or state.step == total_steps:
-                steps_in_window = window.steps
-                bad, mean_loss, elapsed, wait = window.read()
-                if bad >= 0:
-                    dump = _dump_non_finite(directory=checkpoint.directory, batch=batch, loss=loss, method=method,
-                                            step=step, rank=settings.rank)
-                    raise NonFiniteLossError(
-                        f"loss became non-finite at step {bad} (seen at step {step}); inputs and outputs of step "
-                        f"{step} written to {dump}; the last good checkpoint in {checkpoint.directory} is intact")
-                logger.log({"step": step, "epoch": epoch, "loss": mean_loss, "lr": float(settings.lr_schedule[step]),
-                            "images_per_s": settings.images_per_step * steps_in_window / elapsed,
-                            "data_wait_share": wait / elapsed, "seconds_per_step": elapsed / steps_in_window},
-                           steps_done=state.step)
+                _log_period(window, step=step, epoch=epoch, end_of_epoch=end_of_epoch, batch=batch, loss=loss,
+                            method=method, settings=settings, checkpoint=checkpoint, logger=logger,
+                            steps_done=state.step)
 
             # ---------------- checkpoint -------------------------------------------------------
             if end_of_epoch:
                 state.epoch, state.batch_in_epoch = epoch + 1, 0
             stop = settings.stop_requested is not None and settings.stop_requested()
+            stop = stop or (settings.monitor is not None and settings.monitor.collapse_stop)
             if stop or _checkpoint_due(settings, state, epoch=epoch, end_of_epoch=end_of_epoch):
                 path = checkpoint.save(state)  # every rank reaches this together (same conditions)
                 if path is not None:
                     logger.info(f"fastssl: saved checkpoint {path}")
             if stop:
-                logger.info(f"fastssl: stop requested; stopped at step {state.step}")
+                why = "the embedding collapsed" if settings.monitor is not None and settings.monitor.collapse_stop \
+                    else "stop requested"
+                logger.info(f"fastssl: {why}; stopped at step {state.step}")
                 return state
             if end_of_epoch:
                 break
         if state.epoch == epoch:  # the loader ran dry before steps_per_epoch batches
             state.epoch, state.batch_in_epoch = epoch + 1, 0
     return state
+
+
+def _log_period(window: MetricsWindow, *, step: int, epoch: int, end_of_epoch: bool, batch, loss: torch.Tensor,
+                method: Method, settings: LoopSettings, checkpoint: TrainingCheckpoint, logger: RunLogger,
+                steps_done: int) -> None:
+    """Read the period's device-side sums and the monitor's figures (at the end of an epoch, the kNN on the
+    held-out split where it is due) and log them; a non-finite loss dumps the step's tensors and raises."""
+    steps_in_window = window.steps
+    bad, mean_loss, elapsed, wait = window.read()
+    if bad >= 0:
+        dump = _dump_non_finite(directory=checkpoint.directory, batch=batch, loss=loss, method=method, step=step,
+                                rank=settings.rank)
+        raise NonFiniteLossError(
+            f"loss became non-finite at step {bad} (seen at step {step}); inputs and outputs of step "
+            f"{step} written to {dump}; the last good checkpoint in {checkpoint.directory} is intact")
+    record = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": float(settings.lr_schedule[step]),
+              "images_per_s": settings.images_per_step * steps_in_window / elapsed,
+              "data_wait_share": wait / elapsed, "seconds_per_step": elapsed / steps_in_window}
+    if settings.monitor is not None:
+        record.update(settings.monitor.log_figures())
+        if end_of_epoch:
+            record.update(settings.monitor.knn_figures(epoch=epoch))
+            window.start = time.perf_counter()  # the next period's images/s leaves the kNN pass out
+    logger.log(record, steps_done=steps_done)
+    if settings.monitor is not None:
+        settings.monitor.check_collapse(record, logger)
 
 
 def _checkpoint_due(settings: LoopSettings, state: TrainState, *, epoch: int, end_of_epoch: bool) -> bool:

@@ -2,6 +2,7 @@
 
     fastssl-eval knn --checkpoint checkpoints/swav_1node_cpu_resnet18 [--k 20] [--baselines]
     fastssl-eval linear --checkpoint checkpoints/swav_1node_cpu_resnet18 [--epochs 10] [--random-trunk]
+    fastssl-eval neighbours --checkpoint checkpoints/swav_1node_cpu_resnet18   # <run>/neighbours.png
 
 Features are the pooled trunk output, L2-normalised; each held-out image votes with its k nearest
 training images weighted by exp(similarity / T) (the weighted kNN of Wu et al. 2018, T = 0.07).
@@ -32,6 +33,7 @@ from . import train
 from .builder import config_from_checkpoint
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .config import ConfigError
+from .plot import plot_neighbours
 from .run_data import build_eval_data, data_source, synthetic_params
 from .run_model import build_run_model, linear_eval_arguments
 
@@ -48,9 +50,9 @@ def extract_features(trunk: nn.Module, loader) -> tuple[torch.Tensor, torch.Tens
 
 
 @torch.no_grad()
-def knn_top1(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
-             test_labels: torch.Tensor, *, k: int, temperature: float, chunk: int = 1024) -> float:
-    """Top-1 accuracy (%) of the weighted kNN classifier. Features: (N, C) unit-norm."""
+def knn_correct(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                test_labels: torch.Tensor, *, k: int, temperature: float, chunk: int = 1024) -> int:
+    """How many test rows the weighted kNN classifier labels right. Features: (N, C) unit-norm."""
     num_classes = int(train_labels.max()) + 1
     correct = 0
     for start in range(0, test_features.shape[0], chunk):
@@ -60,7 +62,14 @@ def knn_top1(train_features: torch.Tensor, train_labels: torch.Tensor, test_feat
         votes = torch.zeros(similarity.shape[0], num_classes, device=similarity.device)
         votes.scatter_add_(1, train_labels[top_index], weights)
         correct += int((votes.argmax(dim=1) == test_labels[start:start + chunk]).sum())
-    return 100.0 * correct / test_features.shape[0]
+    return correct
+
+
+def knn_top1(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+             test_labels: torch.Tensor, *, k: int, temperature: float) -> float:
+    """Top-1 accuracy (%) of the weighted kNN classifier. Features: (N, C) unit-norm."""
+    return 100.0 * knn_correct(train_features, train_labels, test_features, test_labels, k=k,
+                               temperature=temperature) / test_features.shape[0]
 
 
 @torch.no_grad()
@@ -153,6 +162,76 @@ def _knn_command(args) -> int:
     return 0
 
 
+NEIGHBOURS_SOFTWARE = "fastssl-eval neighbours"
+
+
+def _pixels(dataset, index: int):
+    """The centre crop the trunk saw, as an (H, W, 3) array in [0, 1]."""
+    crop = dataset[(index, 0)][0][0]  # (3, H, W), normalised
+    mean, std = torch.tensor(dataset.mean).view(3, 1, 1), torch.tensor(dataset.std).view(3, 1, 1)
+    return (crop * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def neighbour_rows(train_loader, val_loader, *, train_features: torch.Tensor, val_features: torch.Tensor,
+                   num_queries: int, num_neighbours: int) -> list[dict]:
+    """``num_queries`` held-out images evenly spaced over the split (a class-sorted folder: every class) and
+    their nearest training images by cosine similarity of the features, with class names where there are."""
+    train_set, val_set = train_loader.loader.dataset, val_loader.loader.dataset
+    train_index, val_index = list(train_loader.shard), list(val_loader.shard)  # feature row -> dataset index
+
+    def label(dataset, index):
+        classes, value = dataset.files.classes, dataset.files.labels[index]
+        return classes[value] if classes and value >= 0 else None
+
+    positions = torch.linspace(0, len(val_index) - 1, min(num_queries, len(val_index))).round().long().tolist()
+    similarity = val_features[positions] @ train_features.t()  # (queries, N_train)
+    top_similarity, top_row = similarity.topk(min(num_neighbours, train_features.shape[0]), dim=1)
+    rows = []
+    for position, similarities, neighbours in zip(positions, top_similarity.tolist(), top_row.tolist()):
+        query = val_index[position]
+        rows.append({"image": _pixels(val_set, query), "label": label(val_set, query),
+                     "neighbours": [(_pixels(train_set, train_index[row]), label(train_set, train_index[row]), value)
+                                    for row, value in zip(neighbours, similarities)]})
+    return rows
+
+
+def _neighbours_command(args) -> int:
+    checkpoint_file = _checkpoint_file(args.checkpoint)
+    if checkpoint_file is None:
+        return 2
+    saved = load_checkpoint(checkpoint_file)
+    cfg = config_from_checkpoint(saved)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    output = Path(args.output or checkpoint_file.parent / "neighbours.png")
+    common = dict(image_size=args.image_size, batch_size=args.batch_size, num_workers=args.workers, device=device)
+    try:
+        val_path = held_out_folder(cfg, val_path=args.val_path, val_per_class=0)
+        train_loader = build_eval_data(cfg, split="train", data_path=args.train_path, max_samples=args.bank_size,
+                                       **common)
+        val_loader = build_eval_data(cfg, split="val", data_path=val_path, **common)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"fastssl-eval: error: {error}", file=sys.stderr)
+        return 2
+    model = build_run_model(cfg, head_params=saved["head_params"]).to(device)
+    model.load_state_dict(saved["model"])
+    train_features, _ = extract_features(model.trunk, train_loader)
+    val_features, _ = extract_features(model.trunk, val_loader)
+    rows = neighbour_rows(train_loader, val_loader, train_features=train_features.cpu(),
+                          val_features=val_features.cpu(), num_queries=args.queries, num_neighbours=args.neighbours)
+    title = (f"nearest training images (of {len(train_loader.shard)}) in the trunk's feature space, "
+             f"{checkpoint_file.parent.name} step {saved['step']}")
+    try:
+        plot_neighbours(rows, output, title=title, software=NEIGHBOURS_SOFTWARE)
+    except FileExistsError as error:
+        print(f"fastssl-eval: error: {error}", file=sys.stderr)
+        return 2
+    matches = [row["label"] == neighbour[1] for row in rows for neighbour in row["neighbours"] if row["label"]]
+    shown = f"; {sum(matches)} of {len(matches)} neighbours share the query's class" if matches else ""
+    print(f"fastssl-eval: wrote {output}: {len(rows)} held-out images and their {args.neighbours} nearest training "
+          f"images{shown}")
+    return 0
+
+
 def final_metrics(directory: Path) -> dict | None:
     """The last end-of-training record of a run's metrics.jsonl (fastssl/metrics.py, log_final)."""
     path = directory / "metrics.jsonl"
@@ -215,10 +294,26 @@ def main(argv: list[str] | None = None) -> int:
                         help="built-in dataset: N held-out images a class (default: the run's split, 50)")
     linear.add_argument("--output", default=None, help="the run's directory (default: <run>/linear_eval[_random])")
     linear.add_argument("--cpu", action="store_true")
+    neighbours = commands.add_parser("neighbours", help="a PNG grid of held-out images and their nearest training "
+                                                        "images in the trunk's feature space")
+    neighbours.add_argument("--checkpoint", required=True, help="a checkpoint file or a checkpoint directory (latest)")
+    neighbours.add_argument("--output", default=None, help="the PNG (default: <run>/neighbours.png)")
+    neighbours.add_argument("--queries", type=int, default=12, help="held-out images, evenly spaced over the split")
+    neighbours.add_argument("--neighbours", type=int, default=6)
+    neighbours.add_argument("--bank-size", type=int, default=0,
+                            help="training images searched, evenly spaced (default: all)")
+    neighbours.add_argument("--image-size", type=int, default=0, help="evaluation resolution (default: the large crop)")
+    neighbours.add_argument("--train-path", default=None, help="ImageFolder of training images (default: the run's)")
+    neighbours.add_argument("--val-path", default=None, help="ImageFolder of held-out images (default: the run's)")
+    neighbours.add_argument("--batch-size", type=int, default=256)
+    neighbours.add_argument("--workers", type=int, default=2)
+    neighbours.add_argument("--cpu", action="store_true")
     args, overrides = parser.parse_known_args(argv)
     unknown = [word for word in overrides if not word.startswith("config.")]
     if unknown or (overrides and args.command != "linear"):
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    if args.command == "neighbours":
+        return _neighbours_command(args)
     return _linear_command(args, overrides) if args.command == "linear" else _knn_command(args)
 
 

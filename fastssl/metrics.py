@@ -39,12 +39,14 @@ class RunLogger:
     """Prints and records metrics on rank 0; a no-op elsewhere."""
 
     def __init__(self, *, directory: str | Path, enabled: bool, use_tensorboard: bool, progress_bar: bool,
-                 total_steps: int, start_step: int):
+                 total_steps: int, start_step: int, wandb_options: dict | None = None):
         self.enabled = enabled
         self.total_steps = total_steps
         self.writer = None
         self.bar = None
         self.jsonl = None
+        self.wandb = None
+        self.latest_knn: float | None = None  # shown on the progress line until the next kNN
         if not enabled:
             return
         directory = Path(directory)
@@ -57,6 +59,8 @@ class RunLogger:
                 self.writer = SummaryWriter(log_dir=str(directory / "tensorboard"))
             except ImportError:
                 print("fastssl: tensorboard is not installed; no event files are written", file=sys.stderr)
+        if wandb_options:
+            self.wandb = _start_wandb(directory=directory, **wandb_options)
         if progress_bar:
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
@@ -69,26 +73,50 @@ class RunLogger:
             else:
                 print(message, flush=True)
 
+    def warn(self, message: str) -> None:
+        """A warning line, on stderr (rank 0)."""
+        if self.enabled:
+            if self.bar is not None:
+                self.bar.write(message, file=sys.stderr)
+            else:
+                print(message, file=sys.stderr, flush=True)
+
+    def _scalars(self, record: dict, prefix: str) -> None:
+        """TensorBoard and W&B scalars of a record, under ``prefix``/."""
+        scalars = {f"{prefix}/{key}": value for key, value in record.items()
+                   if key not in ("step", "epoch") and isinstance(value, (int, float))}
+        if self.writer is not None:
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
+
     def log(self, record: dict, *, steps_done: int) -> None:
-        """Record one metrics dict (step, epoch, loss, lr, images_per_s, data_wait_share)."""
+        """Record one metrics dict (step, epoch, loss, lr, images_per_s, data_wait_share, and the monitor's
+        rank_trunk, rank_embedding, embedding_std_ratio, prototypes_in_use, knn_top1 where measured)."""
         if not self.enabled:
             return
         self.jsonl.write(json.dumps({"time": time.time(), **record}) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if key not in ("step", "epoch") and isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"train/{key}", value, record["step"])
+        self._scalars(record, "train")
+        if "knn_top1" in record:  # the kNN monitor's (fastssl/monitor.py): a line, and on the progress line from now on
+            self.latest_knn = record["knn_top1"]
+            self.info(f"fastssl: kNN top-1 {record['knn_top1']:.2f}% on {record['knn_images']} held-out images after "
+                      f"epoch {record['epoch'] + 1} (step {record['step'] + 1}), {record['knn_seconds']:.1f} s")
+        watched = {"knn": f"{self.latest_knn:.1f}%"} if self.latest_knn is not None else {}
+        if "rank_embedding" in record or "rank_trunk" in record:
+            watched["rank"] = f"{record.get('rank_embedding', record.get('rank_trunk')):.1f}"
         if self.bar is not None:
             self.bar.n = steps_done
             self.bar.set_postfix(epoch=record["epoch"], loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.3g}",
                                  img_s=f"{record['images_per_s']:.1f}",
-                                 wait=f"{100 * record['data_wait_share']:.0f}%")
+                                 wait=f"{100 * record['data_wait_share']:.0f}%", **watched)
             self.bar.refresh()
         else:
             remaining = (self.total_steps - steps_done) * record.get("seconds_per_step", 0.0)
             print(f"step {record['step']} epoch {record['epoch']} loss {record['loss']:.4f} lr {record['lr']:.4g} "
                   f"img/s {record['images_per_s']:.1f} data-wait {100 * record['data_wait_share']:.0f}% "
-                  f"eta {remaining / 60:.1f} min", flush=True)
+                  + "".join(f"{key} {value} " for key, value in watched.items())
+                  + f"eta {remaining / 60:.1f} min", flush=True)
 
     def log_final(self, metrics: dict, *, step: int) -> None:
         """The run's final metrics (method.on_train_end): one printed line, one metrics.jsonl record with
@@ -96,9 +124,7 @@ class RunLogger:
         if not self.enabled:
             return
         self.jsonl.write(json.dumps({"time": time.time(), "step": step, "phase": "end", **metrics}) + "\n")
-        if self.writer is not None:
-            for key, value in metrics.items():
-                self.writer.add_scalar(f"end/{key}", value, step)
+        self._scalars({"step": step, **metrics}, "end")
         shown = ", ".join(f"{key} {value:.2f}" if isinstance(value, float) else f"{key} {value}"
                           for key, value in metrics.items())
         self.info(f"fastssl: end of training (step {step}): {shown}")
@@ -108,5 +134,20 @@ class RunLogger:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
         if self.jsonl is not None:
             self.jsonl.close()
+
+
+def _start_wandb(*, directory: Path, project: str, mode: str, config: dict):
+    """A Weights & Biases run beside TensorBoard (HOOKS.WANDB), its files under ``directory``/wandb; None with
+    a notice where wandb is not installed."""
+    try:
+        import wandb
+    except ImportError:
+        print('fastssl: HOOKS.WANDB.ENABLED but wandb is not installed (pip install -e ".[wandb]"); not logging '
+              "to W&B", file=sys.stderr)
+        return None
+    (directory / "wandb").mkdir(exist_ok=True)
+    return wandb.init(project=project, mode=mode, dir=str(directory), name=directory.name, config=config)

@@ -81,12 +81,13 @@ def build_train_data(cfg: DictConfig, *, rank: int, world_size: int, device: tor
 
 def build_eval_data(cfg: DictConfig, *, split: str, data_path: str | None, image_size: int, batch_size: int,
                     num_workers: int, device: torch.device, rank: int = 0, world_size: int = 1,
-                    data_limit: int = -1, start_batch: int = 0):
+                    data_limit: int = -1, start_batch: int = 0, max_samples: int = 0):
     """One centre crop per image of ``split`` (train / val), in dataset order, normalised as in training.
 
     data_path: an image folder of that split; None: the training source's (for train), the built-in
     dataset's held-out split (for val). image_size 0: the recipe's first crop size. rank, world_size,
-    start_batch: this rank's shard from that batch on (see loaders.build.build_eval_loader).
+    start_batch: this rank's shard from that batch on; max_samples > 0: a fixed subset of at most that many,
+    evenly spaced (see loaders.build.build_eval_loader).
     """
     source, train_path = data_source(cfg)
     run_recipe = recipe(cfg)
@@ -99,7 +100,7 @@ def build_eval_data(cfg: DictConfig, *, split: str, data_path: str | None, image
                              image_size=image_size or run_recipe.size_crops[0], batch_size=batch_size,
                              num_workers=num_workers, data_limit=data_limit, device=device, dtype=torch.float32,
                              synthetic_params=synthetic_params(cfg), mean=run_recipe.mean, std=run_recipe.std,
-                             rank=rank, world_size=world_size, start_batch=start_batch)
+                             rank=rank, world_size=world_size, start_batch=start_batch, max_samples=max_samples)
 
 
 TEST_TRANSFORM_KEYS = {"Resize": {"size"}, "CenterCrop": {"size"}, "ToTensor": set(), "Normalize": {"mean", "std"}}

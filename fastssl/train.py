@@ -22,6 +22,7 @@ from .cli import help_text, read_command
 from .clusterfit import cluster_features
 from .config import ConfigError, compose_config
 from .engine import NonFiniteLossError, train
+from .plot import write_run_curves
 from .run_data import describe_job
 
 
@@ -58,17 +59,26 @@ def train_run(cfg, *, info: dist.DistInfo, device, stop: dist.StopOnSignal) -> T
         state = train(model=run.model, trained_model=run.trained_model, method=run.method, optimizer=run.optimizer,
                       scaler=run.scaler, loader=run.loader, state=state, settings=run.settings,
                       checkpoint=run.checkpoint, logger=logger)
-        stopped = stop.stopped and state.step < run.derived.total_iterations
+        stopped = (stop.stopped or run.settings.monitor is not None and run.settings.monitor.collapse_stop) \
+            and state.step < run.derived.total_iterations
         final_metrics = None if stopped else run.method.on_train_end(model=run.model, test_loader=run.test_loader)
         if final_metrics:
             logger.log_final(final_metrics, step=state.step)
     finally:
         logger.close()
+    if info.is_main:
+        try:
+            notice(f"curves of the run: {write_run_curves(run.checkpoint.directory)}")
+        except (FileExistsError, OSError) as error:  # a curves.png that fastssl-plot did not write stays
+            notice(f"no curves written: {error}")
     skipped = getattr(run.loader, "skipped", {})  # the torchvision and DALI loaders count unreadable files
     if skipped:
         notice(f"{len(skipped)} unreadable image(s) skipped {sum(skipped.values())} time(s) in all, each replaced "
                "by the next readable one (named in the warnings above)")
-    if stopped:
+    if stopped and not stop.stopped:
+        notice(f"stopped at step {state.step}, the embedding collapsed (MONITOR.EMBEDDING.STOP_ON_COLLAPSE), with a "
+               f"checkpoint in {run.checkpoint.directory}")
+    elif stopped:
         notice(f"stopped by a signal at step {state.step} with a checkpoint in {run.checkpoint.directory}; "
                "the same command resumes")
     else:

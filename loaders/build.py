@@ -81,17 +81,19 @@ def build_eval_loader(
     world_size: int = 1,
     resize_size: int | None = None,
     start_batch: int = 0,
+    max_samples: int = 0,
 ) -> EvalLoader:
     """One centre crop per sample, in dataset order, nothing dropped (for kNN features, clustering
     passes, held-out accuracy); rank gets its contiguous shard (loaders.sampler.shard_of) and
     Batch.indices hold global dataset indices. Batch.crops holds one tensor. The short side is
     resized to resize_size (None: image_size / 0.875, ImageNet's 256 for 224), then the centre
     image_size crop is taken. start_batch: the rank's first batch (a resumed pass skips the
-    batches it has done without reading them)."""
+    batches it has done without reading them). max_samples > 0: at most that many samples, evenly spaced
+    over the dataset order (a fixed subset; EvalLoader.shard holds the rank's dataset indices)."""
     if split not in ("train", "val"):
         raise ValueError(f"eval loader: split {split!r} is not 'train' or 'val'")
     return build_eval_folder_loader(
         source=source, data_path=data_path, split=split, image_size=image_size, batch_size=batch_size,
         num_workers=num_workers, data_limit=data_limit, device=device, dtype=dtype,
         synthetic_params=synthetic_params, mean=mean, std=std, rank=rank, world_size=world_size,
-        resize_size=resize_size, start_batch=start_batch)
+        resize_size=resize_size, start_batch=start_batch, max_samples=max_samples)

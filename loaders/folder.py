@@ -6,9 +6,11 @@ runs torchvision's functional ops with parameters drawn from a random.Random see
 (seed, epoch, dataset index). So a sample's crops depend on nothing else (not the worker
 count, not the process state), and resuming a checkpoint mid-epoch replays exactly.
 
-The ops are VISSL's own where VISSL uses PIL: the blur is PIL's ImageFilter.GaussianBlur(radius=
-sigma) (ImgPilGaussianBlur), solarize PIL's threshold at 128. A colour stage listed before the
-crop (recipe.colour_per_image) jitters the whole image once, then the crops are cut from it.
+The blur is VISSL's own op, PIL's ImageFilter.GaussianBlur(radius=sigma) (ImgPilGaussianBlur).
+Solarize inverts the pixels at or above a fixed threshold of 128: the BYOL paper's (table 6: x -> 1 - x
+where x >= 0.5) and DeepMind's, not VISSL's ImgPilRandomSolarize, which draws the threshold at random.
+A colour stage listed before the crop (recipe.colour_per_image) jitters the whole image once, then the
+crops are cut from it.
 
 Bad files never stop training: a file that fails to decode is replaced by the next readable
 index, and the failed path travels back with the sample so the main process counts it and logs
@@ -170,7 +172,7 @@ def augment_crop(image: Image.Image, *, crop: int, recipe: MultiCropRecipe, rng:
     # one small crop, and in the main process (num_workers=0) they fight the training step.
     pixels = np.asarray(out, dtype=np.float32) / 255  # (s, s, 3)
     if rng.random() < augmentation.solarize_p:
-        pixels = np.where(pixels >= 128 / 255, 1 - pixels, pixels)  # PIL's solarize at 128
+        pixels = np.where(pixels >= 128 / 255, 1 - pixels, pixels)  # the paper's fixed threshold (see above)
     return to_normalized_tensor(pixels, mean=recipe.mean, std=recipe.std)
 
 
@@ -321,13 +323,18 @@ def build_eval_folder_loader(
     *, source: str, data_path: str | None, split: str, image_size: int, batch_size: int, num_workers: int,
     data_limit: int, device: torch.device | str, dtype: torch.dtype, synthetic_params: dict[str, Any] | None,
     mean: tuple[float, float, float], std: tuple[float, float, float], rank: int, world_size: int,
-    resize_size: int | None, start_batch: int,
+    resize_size: int | None, start_batch: int, max_samples: int = 0,
 ) -> EvalLoader:
-    """The evaluation loader of one rank (see EvalLoader)."""
+    """The evaluation loader of one rank (see EvalLoader). max_samples > 0: at most that many samples, evenly
+    spaced over the dataset order (a fixed subset that keeps every class of a class-sorted folder)."""
     folder = resolve_image_folder(source=source, data_path=data_path, split=split, synthetic_params=synthetic_params)
     dataset = CenterCropFolder(folder, image_size=image_size, mean=mean, std=std, data_limit=data_limit,
                                resize_size=resize_size)
-    shard = shard_of(len(dataset), rank=rank, world_size=world_size)
+    indices = range(len(dataset))
+    if 0 < max_samples < len(dataset):
+        indices = indices[::math.ceil(len(dataset) / max_samples)]
+    part = shard_of(len(indices), rank=rank, world_size=world_size)
+    shard = indices[part.start:part.stop]
     batches = [[(index, 0) for index in shard[start : start + batch_size]]
                for start in range(0, len(shard), batch_size)][start_batch:]
     return EvalLoader(shard=shard, dataset=dataset, batch_sampler=batches, num_workers=num_workers,

@@ -59,6 +59,7 @@ class Method(nn.Module):
     """
 
     rank_local_state: tuple[str, ...] = ()
+    monitors_embedding = False  # the first head's output is an embedding (not class scores): its rank is watched
 
     def bind(self, model: nn.Module) -> None:
         """Called once with the (unwrapped) model, before training; methods keep what they need from it."""
@@ -117,6 +118,11 @@ class Method(nn.Module):
         networks = {name: f"{sum(p.numel() for p in child.parameters()):,} parameters, "
                           f"{len(list(child.buffers()))} buffers" for name, child in self.named_children()}
         return {**settings, **buffers, **networks}
+
+    def last_prototype_scores(self) -> torch.Tensor | None:
+        """(rows, K) scores of the last step's rows against the prototypes (SwAV, DeepClusterV2), for the
+        count of prototypes in use (fastssl/monitor.py); None for a method without prototypes."""
+        return None
 
     def debug_tensors(self) -> dict:
         """Tensors worth saving when the loss goes non-finite: the last step's outputs, and what a method

@@ -66,6 +66,8 @@ def copy_for_target(module: nn.Module) -> nn.Module:
 
 
 class BYOL(Method):
+    monitors_embedding = True  # its first head's output is the embedding (fastssl/monitor.py)
+
     def __init__(self, *, momentum: float, embedding_dim: int, num_crops: int, total_iterations: int):
         super().__init__()
         if num_crops < NUM_LARGE_VIEWS:

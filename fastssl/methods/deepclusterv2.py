@@ -37,6 +37,7 @@ def embedding_of(outputs) -> torch.Tensor:
 
 
 class DeepClusterV2(Method):
+    monitors_embedding = True  # its first head's output is the embedding (fastssl/monitor.py)
     rank_local_state = ("memory", "memory_index")  # each rank remembers the samples it saw; the rest is shared
 
     def __init__(self, *, temperature: float, num_clusters: list[int], kmeans_iters: int, crops_for_mb: list[int],
@@ -180,6 +181,9 @@ class DeepClusterV2(Method):
         with torch.no_grad():
             self._write(embedding.detach(), batch.indices, step % self.iterations_per_epoch, self.crops_for_mb)
         return total / len(self.num_clusters)
+
+    def last_prototype_scores(self) -> torch.Tensor | None:
+        return self._debug.get("scores0")
 
     def debug_tensors(self) -> dict:
         return {**super().debug_tensors(), **self._debug}

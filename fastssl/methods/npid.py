@@ -28,6 +28,8 @@ from .base import Method, RunInfo
 
 
 class NPID(Method):
+    monitors_embedding = True  # its first head's output is the embedding (fastssl/monitor.py)
+
     def __init__(self, *, loss_type: str, norm_embedding: bool, temperature: float, loss_weights: list[float],
                  norm_constant: float, update_mem_with_emb_index: int, num_negatives: int, memory_size: int,
                  embedding_dim: int, momentum: float, norm_init: bool, update_mem_on_forward: bool,

@@ -29,6 +29,7 @@ def _host_memory_bytes() -> int:
 
 
 class SwAV(Method):
+    monitors_embedding = True  # its first head's output is the embedding (fastssl/monitor.py)
     rank_local_state = ("queue",)  # each rank queues its own past embeddings
 
     def __init__(self, *, temperature: float, epsilon: float, num_iters: int, crops_for_assign: list[int],
@@ -141,6 +142,9 @@ class SwAV(Method):
         for i, crop_id in enumerate(self.crops_for_assign):
             self.queue[i, batch_size:] = self.queue[i, :-batch_size].clone()
             self.queue[i, :batch_size] = embedding[crop_id * batch_size: (crop_id + 1) * batch_size]
+
+    def last_prototype_scores(self) -> torch.Tensor | None:
+        return self._debug.get("scores0")
 
     def debug_tensors(self) -> dict:
         return {**super().debug_tensors(), **self._debug}

@@ -168,3 +168,17 @@ def test_missing_empty_folder_and_unknown_backend(tmp_path, small_recipe):
         _train_loader(tmp_path, small_recipe, source="ffcv")
     with pytest.raises(ValueError, match="unknown data source"):
         _train_loader(tmp_path, small_recipe, source="imagenet")
+
+
+def test_eval_loader_max_samples_takes_a_fixed_evenly_spaced_subset_over_ranks(tiny_root):
+    def eval_loader(rank, world_size):
+        return build_eval_loader(
+            source="synthetic", data_path=str(tiny_root), split="train", image_size=16, batch_size=3, num_workers=0,
+            data_limit=-1, device="cpu", dtype=torch.float32, synthetic_params=TINY, mean=(0.5,) * 3,
+            std=(0.2,) * 3, rank=rank, world_size=world_size, max_samples=10)
+
+    whole = torch.cat([b.indices for b in eval_loader(0, 1)]).tolist()
+    assert whole == list(range(0, 40, 4))  # 10 of the 40, one in four: every class of the class-sorted folder
+    assert sorted(set(torch.cat([b.labels for b in eval_loader(0, 1)]).tolist())) == list(range(10))
+    gathered = [index for rank in range(3) for b in eval_loader(rank, 3) for index in b.indices.tolist()]
+    assert gathered == whole

@@ -221,6 +221,18 @@ def test_seed_recipe_resolves_to_the_papers_asymmetric_views():
     assert (first.blur_p, second.blur_p) == pytest.approx((1.0, 0.1))
     assert (first.solarize_p, second.solarize_p) == pytest.approx((0.0, 0.2))
     assert recipe.crop_sizes == [224, 224] and recipe.mean == pytest.approx((0.485, 0.456, 0.406))
+    assert recipe.interpolation == "bicubic"  # VISSL's BYOL files and DeepMind's (interpolation: 3)
+
+
+def test_linear_protocols_headline_classifier_is_a_plain_linear_layer_on_res5avg():
+    """BYOL paper and DeepMind's byol: a linear layer on the pooled res5 features, no BatchNorm before it."""
+    cfg = compose_config(["config=benchmark/linear_image_classification/imagenet1k/byol_transfer_in1k_linear"])
+    model = build_run_model(cfg, head_params=resolve_head_params(cfg), on_meta=True)
+    last = model.heads[-1]
+    assert [type(layer) for layer in last] == [nn.Linear] and last[0].weight.shape == (1000, 2048)
+    assert cfg.MODEL.FEATURE_EVAL_SETTINGS.LINEAR_EVAL_FEAT_POOL_OPS_MAP[-1][0] == "res5avg"
+    train = recipe_from_transforms(OmegaConf.to_container(cfg.DATA.TRAIN.TRANSFORMS))
+    assert train.interpolation == "bicubic"
 
 
 def test_head_lr_multipliers_scale_each_heads_lr_and_resume_takes_the_configs(tmp_path, capsys):
