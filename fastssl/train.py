@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         if plan.notice:
             notice(plan.notice)
         if plan.spawn:
-            return launch.run_workers(command=[sys.executable, "-m", "fastssl.train", *argv],
+            return launch.run_workers(command=[sys.executable, "-P", "-m", "fastssl.train", *argv],
                                       num_workers=plan.spawn, node_rank=plan.node_rank, world_size=plan.world_size,
                                       master_addr=plan.master_addr, master_port=plan.master_port)
         os.environ.update(plan.worker_env)
