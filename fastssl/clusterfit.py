@@ -32,6 +32,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,12 +92,17 @@ def batches_of_rank(num_samples: int, *, rank: int, world_size: int, batch_size:
 
 def write_atomically(path: Path, write: Callable) -> None:
     """write(file) into a temporary file beside ``path``, then rename it: a reader never sees half a file."""
-    temporary = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    with open(temporary, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    # A fresh temporary name, created exclusively: a link planted beside ``path`` is never followed.
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    try:
+        with os.fdopen(descriptor, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def features_of(trunk: nn.Module, images: torch.Tensor, layer_name: str) -> torch.Tensor:

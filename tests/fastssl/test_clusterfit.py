@@ -3,6 +3,7 @@ features + k-means -> training on the labels -> kNN. The labels file format, a s
 to the same result, 2 ranks extracting what 1 rank does, step 2 resumed exactly, the page's seed command
 lines composed at full size and run CPU-sized."""
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -235,3 +236,13 @@ def test_cpu_configs_pipeline_at_full_cpu_size(tmp_path, capsys):
     capsys.readouterr()
     assert eval_main(["knn", "--checkpoint", str(tmp_path / "c")]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["knn_top1"]["trained"] > 10.0
+
+
+def test_write_atomically_never_follows_a_link_planted_at_its_temporary_name(tmp_path):
+    from fastssl.clusterfit import write_atomically
+
+    target = tmp_path / "users_file"
+    target.write_bytes(b"mine")
+    (tmp_path / f".labels.npy.tmp-{os.getpid()}").symlink_to(target)
+    write_atomically(tmp_path / "labels.npy", lambda f: f.write(b"labels"))
+    assert target.read_bytes() == b"mine" and (tmp_path / "labels.npy").read_bytes() == b"labels"
