@@ -106,8 +106,7 @@ def held_out_folder(cfg, *, val_path: str | None, val_per_class: int) -> str | N
     if val_path is not None or source != "synthetic":
         raise ValueError("--val-per-class takes the built-in dataset's held-out split; "
                          + ("not with --val-path" if val_path else f"this run trains on {train_path}"))
-    # Always in the cache (root None): a SYNTHETIC.ROOT holds one manifest and would be regenerated.
-    larger = {**synthetic_params(cfg), "root": None, "val_per_class": val_per_class}
+    larger = {**synthetic_params(cfg), "val_per_class": val_per_class}  # beside the run's, in its own folder
     return str(resolve_image_folder(source="synthetic", data_path=None, split="val", synthetic_params=larger))
 
 
