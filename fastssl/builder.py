@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import dist, launch
 from .checkpoint import TrainingCheckpoint
 from .clusterfit import ClusterFeaturesJob
-from .config import ROOT_DEFAULTS, ConfigError
+from .config import ROOT_DEFAULTS, ConfigError, check_config, validate
 from .engine import LoopSettings
 from .metrics import RunLogger, notice
 from .methods import METHODS, Method, RunInfo
@@ -34,9 +34,15 @@ from .weights import load_initial_weights
 
 
 def config_from_checkpoint(saved: dict) -> DictConfig:
-    """A checkpoint's own config, as composed and validated when it was trained; keys added to fastssl
-    since then take their defaults (they do not change the architecture of a model already trained)."""
-    return OmegaConf.merge(OmegaConf.create(ROOT_DEFAULTS), OmegaConf.create(saved["config"]))
+    """A checkpoint's own config, validated as a command line's is (a checkpoint may come from anywhere:
+    its config names the folders that the commands read and generate into); keys added to fastssl since it
+    was trained take their defaults (they do not change the architecture of a model already trained)."""
+    config = saved.get("config") if isinstance(saved, dict) else None
+    if not isinstance(config, dict):
+        raise ConfigError("the checkpoint holds no fastssl config (is it a fastssl training checkpoint?)")
+    validate(config, ROOT_DEFAULTS)  # before merging: a mapping where a value belongs would break the merge
+    merged = OmegaConf.merge(OmegaConf.create(ROOT_DEFAULTS), OmegaConf.create(config))
+    return check_config(OmegaConf.to_container(merged, resolve=False))
 
 
 # ---------------- machine and processes ----------------------------------------------------------
