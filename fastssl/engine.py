@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import TrainingCheckpoint, TrainState
+from .checkpoint import TrainingCheckpoint, TrainState, latest_checkpoint
 from .methods.base import Method
 from .metrics import RunLogger
 
@@ -148,9 +148,11 @@ def train(*, model: nn.Module, trained_model: nn.Module, method: Method, optimiz
                 if bad >= 0:
                     dump = _dump_non_finite(directory=checkpoint.directory, batch=batch, loss=loss, method=method,
                                             step=step, rank=settings.rank)
-                    raise NonFiniteLossError(
-                        f"loss became non-finite at step {bad} (seen at step {step}); inputs and outputs of step "
-                        f"{step} written to {dump}; the last good checkpoint in {checkpoint.directory} is intact")
+                    last = latest_checkpoint(checkpoint.directory)
+                    kept = (f"the last good checkpoint, {last}, is intact" if last else
+                            f"no checkpoint was saved before it in {checkpoint.directory}")
+                    raise NonFiniteLossError(f"loss became non-finite at step {bad} (seen at step {step}); inputs and "
+                                             f"outputs of step {step} written to {dump}; {kept}")
                 logger.log({"step": step, "epoch": epoch, "loss": mean_loss, "lr": float(settings.lr_schedule[step]),
                             "images_per_s": settings.images_per_step * steps_in_window / elapsed,
                             "data_wait_share": wait / elapsed, "seconds_per_step": elapsed / steps_in_window},

@@ -16,7 +16,7 @@ import traceback
 from . import dist, launch, sweep
 from .builder import (build_cluster_features, build_run, engine_name, notice, plan_processes, preflight,
                       select_device, start_process_group)
-from .checkpoint import TrainState
+from .checkpoint import TrainState, check_checkpoint_directory
 from .cli import help_text, read_command
 from .clusterfit import cluster_features
 from .config import ConfigError, compose_config
@@ -95,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         if command.show_config:
             print(describe_job(cfg))
             return 0
+        if not launch.spawned_by_launcher():  # a spawned worker's launcher has checked it
+            warning = check_checkpoint_directory(cfg.CHECKPOINT.DIR)  # before any data or model is built
+            if warning:
+                notice(warning)
         plan = plan_processes(cfg)
         if plan.notice:
             notice(plan.notice)

@@ -85,7 +85,7 @@ def test_resume_continues_exactly(tmp_path):
     assert torch.equal(final_a["method"]["queue"], final_c["method"]["queue"])
 
 
-def test_nan_loss_stops_with_a_dump(tmp_path):
+def test_nan_loss_stops_with_a_dump(tmp_path, capsys):
     code = main(CPU + [f"config.CHECKPOINT.DIR={tmp_path}", "config.OPTIMIZER.num_epochs=1",
                        "config.LOSS.swav_loss.temperature=1e-30"])  # in range, but the logits overflow
     assert code == 3
@@ -95,6 +95,7 @@ def test_nan_loss_stops_with_a_dump(tmp_path):
     assert not torch.isfinite(dump["loss"]) and len(dump["crops"]) == 3 and "scores0" in dump["method"]
     assert dump["outputs"] is not None  # the step's outputs, kept by the method's training_loss
     assert latest_checkpoint(tmp_path) is None  # nothing non-finite was saved as a checkpoint
+    assert "no checkpoint was saved before it" in capsys.readouterr().err  # and none is promised
 
 
 def test_misspelt_key_is_a_one_line_error_from_the_console_script():
@@ -129,3 +130,32 @@ def test_demo_beats_a_random_trunk(tmp_path, capsys):
     assert evaluate(["knn", "--checkpoint", str(tmp_path), "--baselines"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["knn_top1"]
     assert report["trained"] > max(report["random_bn_init"], report["random_bn_reestimated"]) + 5
+
+
+def test_a_checkpoint_dir_that_cannot_hold_checkpoints_is_one_line_before_any_data_is_built(tmp_path, monkeypatch,
+                                                                                            capsys):
+    monkeypatch.setenv("FASTSSL_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "a_file").write_text("mine")
+    for directory, text in ((tmp_path / "a_file", "is a file, not a folder"),
+                            (tmp_path / "a_file" / "run", "cannot hold checkpoints: Not a directory"),
+                            ("/", "is the root of the filesystem"),
+                            (tmp_path / ("x" * 300), "is too long"),
+                            (tmp_path / "/".join(["deep" * 60] * 20), "is too long"),
+                            ("/proc/fastssl-run", "cannot hold checkpoints")):
+        assert main(CPU + [f"config.CHECKPOINT.DIR={directory}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("fastssl-train: error: config.CHECKPOINT.DIR") and text in err, err
+        assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "cache").exists()  # checked before the built-in dataset was generated
+    assert (tmp_path / "a_file").read_text() == "mine"
+
+
+def test_a_checkpoint_dir_holding_files_fastssl_did_not_write_is_said():
+    from fastssl.checkpoint import check_checkpoint_directory
+    import tempfile
+    with tempfile.TemporaryDirectory() as directory:
+        for name in ("checkpoint_step00000003.torch", "metrics.jsonl", "tensorboard", ".hydra", "sweep_job.json"):
+            (Path(directory) / name).touch()
+        assert check_checkpoint_directory(directory) is None
+        (Path(directory) / "thesis.tex").touch()
+        assert "holds 1 file(s) fastssl did not write (such as 'thesis.tex')" in check_checkpoint_directory(directory)
