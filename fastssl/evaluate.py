@@ -33,6 +33,7 @@ from . import train
 from .builder import config_from_checkpoint
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from .config import ConfigError
+from .metrics import read_records
 from .run_data import build_eval_data, data_source, synthetic_params
 from .run_model import build_run_model, linear_eval_arguments
 
@@ -162,8 +163,7 @@ def _knn_command(args) -> int:
 
 def final_metrics(directory: Path) -> dict | None:
     """The last end-of-training record of a run's metrics.jsonl (fastssl/metrics.py, log_final)."""
-    path = directory / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    records, _ = read_records(directory / "metrics.jsonl")
     ends = [record for record in records if record.get("phase") == "end"]
     return ends[-1] if ends else None
 

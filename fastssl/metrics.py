@@ -58,6 +58,24 @@ def _step_of(line: str) -> float:
         return float("inf")
 
 
+def read_records(path: Path) -> tuple[list[dict], int]:
+    """The records of a metrics.jsonl (none if it does not exist) and the number of lines that are not a JSON
+    object (a line cut short by a kill, or damage): skipped and counted, so one bad line loses only itself."""
+    if not path.exists():
+        return [], 0
+    with open_without_links(path, "r") as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records, len(lines) - len(records)
+
+
 class RunLogger:
     """Prints and records metrics on rank 0; a no-op elsewhere."""
 
