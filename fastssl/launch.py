@@ -265,11 +265,13 @@ def _report(processes, *, killed: set, error_dir: Path, node_rank: int, num_work
 
 def spawned_by_launcher() -> bool:
     """True in a worker that run_workers started: its parent is the launcher that the environment names, and
-    it leads its own session (start_new_session). A FASTSSL_LAUNCHER_PID or FASTSSL_ERROR_FILE left in the
+    it leads its own session (start_new_session), and its error file lies in the launcher's fastssl-launch-*
+    folder, which exists while the launcher runs. A FASTSSL_LAUNCHER_PID or FASTSSL_ERROR_FILE left in the
     environment of any other process (a shell that exported it) is never acted on."""
-    launcher = os.environ.get(_LAUNCHER_PID, "")
+    launcher, error_file = os.environ.get(_LAUNCHER_PID, ""), os.environ.get(_ERROR_FILE, "")
     return (launcher.isdigit() and os.getppid() == int(launcher) and os.getsid(0) == os.getpid()
-            and bool(os.environ.get(_ERROR_FILE)))
+            and bool(error_file) and Path(error_file).parent.name.startswith("fastssl-launch-")
+            and Path(error_file).parent.is_dir())
 
 
 def record_error(message: str) -> bool:
