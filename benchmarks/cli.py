@@ -7,6 +7,8 @@
     fastssl-bench switches [options]  what each speed switch buys (channels_last, compile, workers, backends)
     fastssl-bench faults [options]    the fault harness: kill -9, damaged checkpoints, a full disk, SIGTERM, a dying
                                       rank, unreadable images, a config fuzz, against the real fastssl-train
+    fastssl-bench attacks [options]   crafted input against the real commands: refused in one line or a counted skip,
+                                      nothing of the user's overwritten, bounded memory (issue 23)
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import importlib
 import sys
 
 COMMANDS = {"loader": "benchmarks.loader", "kernels": "benchmarks.kernels", "comm": "benchmarks.comm_volume",
-            "train": "benchmarks.train_step", "faults": "benchmarks.faults",
+            "train": "benchmarks.train_step", "faults": "benchmarks.faults", "attacks": "benchmarks.attacks",
             "switches": "benchmarks.switches"}
 
 
