@@ -274,7 +274,7 @@ def labels_header(workdir: Path) -> dict:
     """A ClusterFit labels .npy whose header claims 10^10 labels (old: an 80 GB allocation, a traceback)."""
     np.save(workdir / "labels.npy", np.zeros(16, dtype=np.int64))
     data = (workdir / "labels.npy").read_bytes()
-    (workdir / "labels.npy").write_bytes(data.replace(b"(16,), }" + b" " * 10, b"(10000000000,), }", 1))
+    (workdir / "labels.npy").write_bytes(data.replace(b"(16,), }" + b" " * 9, b"(10000000000,), }", 1))  # same length
     ran = run([str(BIN / "fastssl-train"), "config=pretrain/clusterfit/clusterfit_1node_cpu_resnet18", *QUICK,
                f"config.DATA.TRAIN.LABEL_PATHS=[{workdir / 'labels.npy'}]", f"config.CHECKPOINT.DIR={workdir / 'run'}"],
               cwd=workdir)
@@ -296,7 +296,7 @@ def config_values(workdir: Path) -> dict:
     runs, failed = [], []
     for name, (word, text) in CONFIG_ATTACKS.items():
         argv = [str(BIN / "fastssl-train"), CONFIG, "--cfg", "job", word]
-        if len(word) > 100_000:  # longer than one exec argument may be (MAX_ARG_STRLEN): fastssl-train's main, in Python
+        if len(word) > 100_000:  # longer than an exec argument may be (MAX_ARG_STRLEN): fastssl-train's main in Python
             (workdir / "word").write_text(word)
             argv = [sys.executable, "-c", "import sys; from fastssl.train import main; "
                     f"sys.exit(main([{CONFIG!r}, '--cfg', 'job', open({str(workdir / 'word')!r}).read()]))"]
@@ -375,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(root, ignore_errors=True)
     print(f"{'scenario':<28} {'outcome':<8} {'peak MB':>8} {'s':>6}  detail")
     for row in rows:
-        print(f"{row['name']:<28} {row['outcome']:<8} {row['peak_rss_mb']:>8.0f} {row['seconds']:>6.1f}  {row['detail']}")
+        print(f"{row['name']:<28} {row['outcome']:<8} {row['peak_rss_mb']:>8.0f} {row['seconds']:>6.1f}  "
+              f"{row['detail']}")
     print(json.dumps({"benchmark": "attacks", "machine": machine(), "commit": commit(),
                       "seconds": round(time.monotonic() - started, 1), "limits": LIMITS,
                       "command": "fastssl-bench attacks " + " ".join(argv if argv is not None else sys.argv[2:]),

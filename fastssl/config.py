@@ -70,7 +70,8 @@ def split_arguments(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     groups, assignments = [], []
     for word in join_words(argv):
         if "=" not in word:
-            raise ConfigError(f"cannot read argument {shown(word)}: expected config=..., +config/...=... or config.KEY=value")
+            raise ConfigError(f"cannot read argument {shown(word)}: expected config=..., +config/...=... or "
+                              "config.KEY=value")
         key, value = word.split("=", 1)
         if key in ("config", "+config"):
             groups.append(f"+config={value}")

@@ -130,7 +130,8 @@ def _knn_command(args) -> int:
         saved = load_checkpoint(checkpoint_file)
         missing = [key for key in ("model", "config", "head_params", "step") if key not in saved]
         if missing:
-            raise CheckpointError(f"{checkpoint_file} is not a fastssl training checkpoint (it has no {missing[0]!r})")
+            raise CheckpointError(f"{checkpoint_file} is not a fastssl training checkpoint "
+                                  f"(it has no {missing[0]!r})")
         cfg = config_from_checkpoint(saved)
     except (CheckpointError, ConfigError) as error:
         print(f"fastssl-eval: error: {error}", file=sys.stderr)
@@ -226,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     knn.add_argument("--k", type=_at_least(1), default=20)
     knn.add_argument("--temperature", type=_positive_finite, default=0.07)
     knn.add_argument("--baselines", action="store_true", help="also evaluate a randomly initialised trunk")
-    knn.add_argument("--image-size", type=_at_least(0), default=0, help="evaluation resolution (default: the large crop)")
+    knn.add_argument("--image-size", type=_at_least(0), default=0,
+                     help="evaluation resolution (default: the large crop)")
     knn.add_argument("--train-path", default=None, help="ImageFolder of training images (default: from the run)")
     knn.add_argument("--val-path", default=None, help="ImageFolder of held-out images (synthetic: built in)")
     knn.add_argument("--val-per-class", type=_at_least(0), default=0,

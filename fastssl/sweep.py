@@ -181,8 +181,10 @@ def run_job(job) -> dict:
 def metrics_summary(job_dir: str) -> dict:
     """The last logged loss and step, and the mean images/s (the first record, with warm-up, left out)."""
     records, malformed = read_records(Path(job_dir) / "metrics.jsonl")
-    steps = [r for r in records if all(isinstance(r.get(key), (int, float)) for key in ("loss", "images_per_s", "step"))]
-    skipped = malformed + sum(1 for r in records if r not in steps and r.get("phase") != "end")
+    steps = [record for record in records
+             if all(isinstance(record.get(key), (int, float)) for key in ("loss", "images_per_s", "step"))]
+    ends = sum(1 for record in records if record.get("phase") == "end")  # final metrics, not a step's
+    skipped = malformed + len(records) - len(steps) - ends
     summary = {"final_loss": None, "images_per_s": None, "step": None, "skipped_lines": skipped}
     if skipped:
         notice(f"{job_dir}/metrics.jsonl: {skipped} line(s) that are not a step record skipped")

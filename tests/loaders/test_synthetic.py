@@ -54,7 +54,8 @@ def test_changing_the_parameters_under_a_root_deletes_nothing(tmp_path):
     second = ensure_synthetic_dataset(root, seed=0, image_size=24, train_per_class=2, val_per_class=1)
     assert first.parent == second.parent == root and first != second
     assert (root / "thesis.tex").read_text() == "precious" and (first / "notes.txt").read_text() == "mine"
-    assert len(list((second / "train" / "ring").iterdir())) == 2 and len(list((first / "train" / "ring").iterdir())) == 3
+    assert len(list((second / "train" / "ring").iterdir())) == 2
+    assert len(list((first / "train" / "ring").iterdir())) == 3
     assert ensure_synthetic_dataset(first, seed=0, **PARAMS) == first  # a dataset folder named directly
 
 
