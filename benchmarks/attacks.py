@@ -230,10 +230,13 @@ def metrics_symlink(workdir: Path) -> dict:
 
 
 def checkpoint_dir_root(workdir: Path) -> dict:
-    """CHECKPOINT.DIR=/ (old: filled with checkpoints), a file, and a path too long: each refused before any data."""
+    """CHECKPOINT.DIR = the home directory (old: filled with checkpoints, as / was), a file, and a path too long:
+    each refused before any data. HOME is a folder of the scenario's, so a build without the check writes there,
+    not in the user's home (tests/fastssl/test_train_cli.py checks / itself without training)."""
     (workdir / "a_file").write_text("mine")
-    runs = [run(train(f"config.CHECKPOINT.DIR={directory}"), cwd=workdir)
-            for directory in ("/", workdir / "a_file", workdir / ("x" * 300))]
+    (workdir / "home").mkdir()
+    runs = [run(train(f"config.CHECKPOINT.DIR={directory}"), cwd=workdir, env={"HOME": str(workdir / "home")})
+            for directory in (workdir / "home", workdir / "a_file", workdir / ("x" * 300))]
     lines = [refusal(r, text="CHECKPOINT.DIR") for r in runs]
     if all(lines) and (workdir / "a_file").read_text() == "mine":
         return result("checkpoint_dir_root", "refused", " / ".join(line.split("error: ")[-1][:70] for line in lines),

@@ -134,11 +134,15 @@ def test_demo_beats_a_random_trunk(tmp_path, capsys):
 
 def test_a_checkpoint_dir_that_cannot_hold_checkpoints_is_one_line_before_any_data_is_built(tmp_path, monkeypatch,
                                                                                             capsys):
+    from fastssl.checkpoint import CheckpointError, check_checkpoint_directory
+    with pytest.raises(CheckpointError, match="is the root of the filesystem"):
+        check_checkpoint_directory("/")  # here, not through a run: a build without the check would write in /
     monkeypatch.setenv("FASTSSL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     (tmp_path / "a_file").write_text("mine")
     for directory, text in ((tmp_path / "a_file", "is a file, not a folder"),
                             (tmp_path / "a_file" / "run", "cannot hold checkpoints: Not a directory"),
-                            ("/", "is the root of the filesystem"),
+                            (tmp_path / "home", "is your home directory"),
                             (tmp_path / ("x" * 300), "is too long"),
                             (tmp_path / "/".join(["deep" * 60] * 20), "is too long"),
                             ("/proc/fastssl-run", "cannot hold checkpoints")):
