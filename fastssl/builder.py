@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import dist, launch
-from .checkpoint import TrainingCheckpoint
+from .checkpoint import TrainingCheckpoint, check_checkpoint_directory
 from .clusterfit import ClusterFeaturesJob
 from .config import ROOT_DEFAULTS, ConfigError, check_config, validate
 from .engine import LoopSettings
@@ -123,6 +123,12 @@ def preflight(cfg: DictConfig) -> None:
         raise
     except (ValueError, TypeError) as error:
         raise ConfigError(str(error).splitlines()[0] if str(error) else type(error).__name__) from None
+
+
+def check_checkpoint_dir(cfg: DictConfig) -> str | None:
+    """CHECKPOINT.DIR, checked before any data or model is built: a one-line CheckpointError for a folder that
+    cannot hold checkpoints, a notice for one holding files fastssl did not write (checkpoint.py)."""
+    return check_checkpoint_directory(cfg.CHECKPOINT.DIR)
 
 
 # ---------------- method -------------------------------------------------------------------------

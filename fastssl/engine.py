@@ -19,6 +19,13 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the offending tensors were written to ``dump_path``."""
 
 
+def _last_good(checkpoint: TrainingCheckpoint) -> str:
+    """What a NaN stop leaves to resume from: the latest checkpoint, or none (it is not promised when absent)."""
+    last = latest_checkpoint(checkpoint.directory)
+    return (f"the last good checkpoint, {last}, is intact" if last else
+            f"no checkpoint was saved before it in {checkpoint.directory}")
+
+
 @dataclass
 class LoopSettings:
     num_epochs: int
@@ -148,11 +155,8 @@ def train(*, model: nn.Module, trained_model: nn.Module, method: Method, optimiz
                 if bad >= 0:
                     dump = _dump_non_finite(directory=checkpoint.directory, batch=batch, loss=loss, method=method,
                                             step=step, rank=settings.rank)
-                    last = latest_checkpoint(checkpoint.directory)
-                    kept = (f"the last good checkpoint, {last}, is intact" if last else
-                            f"no checkpoint was saved before it in {checkpoint.directory}")
                     raise NonFiniteLossError(f"loss became non-finite at step {bad} (seen at step {step}); inputs and "
-                                             f"outputs of step {step} written to {dump}; {kept}")
+                                             f"outputs of step {step} written to {dump}; {_last_good(checkpoint)}")
                 logger.log({"step": step, "epoch": epoch, "loss": mean_loss, "lr": float(settings.lr_schedule[step]),
                             "images_per_s": settings.images_per_step * steps_in_window / elapsed,
                             "data_wait_share": wait / elapsed, "seconds_per_step": elapsed / steps_in_window},

@@ -14,9 +14,9 @@ import sys
 import traceback
 
 from . import dist, launch, sweep
-from .builder import (build_cluster_features, build_run, engine_name, notice, plan_processes, preflight,
-                      select_device, start_process_group)
-from .checkpoint import TrainState, check_checkpoint_directory
+from .builder import (build_cluster_features, build_run, check_checkpoint_dir, engine_name, notice, plan_processes,
+                      preflight, select_device, start_process_group)
+from .checkpoint import TrainState
 from .cli import help_text, read_command
 from .clusterfit import cluster_features
 from .config import ConfigError, compose_config
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             print(describe_job(cfg))
             return 0
         if not launch.spawned_by_launcher():  # a spawned worker's launcher has checked it
-            warning = check_checkpoint_directory(cfg.CHECKPOINT.DIR)  # before any data or model is built
+            warning = check_checkpoint_dir(cfg)  # before any data or model is built
             if warning:
                 notice(warning)
         plan = plan_processes(cfg)
