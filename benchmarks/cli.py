@@ -8,6 +8,8 @@
     fastssl-bench faults [options]    the fault harness: kill -9, damaged checkpoints, a full disk, SIGTERM, a dying
                                       rank, unreadable images, a config fuzz, against the real fastssl-train
     fastssl-bench learn [options]     trained trunks against random ones (kNN, linear) per recipe and loader backend
+    fastssl-bench attacks [options]   crafted input against the real commands: refused in one line or a counted skip,
+                                      nothing of the user's overwritten, bounded memory (issue 23)
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import sys
 
 COMMANDS = {"loader": "benchmarks.loader", "kernels": "benchmarks.kernels", "comm": "benchmarks.comm_volume",
             "train": "benchmarks.train_step", "faults": "benchmarks.faults", "learn": "benchmarks.learn",
+            "attacks": "benchmarks.attacks",
             "switches": "benchmarks.switches"}
 
 

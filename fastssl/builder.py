@@ -18,9 +18,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import dist, launch
-from .checkpoint import TrainingCheckpoint
+from .checkpoint import TrainingCheckpoint, check_checkpoint_directory
 from .clusterfit import ClusterFeaturesJob
-from .config import ROOT_DEFAULTS, ConfigError
+from .config import ROOT_DEFAULTS, ConfigError, check_config, validate
 from .engine import LoopSettings
 from .metrics import RunLogger, notice
 from .monitor import EmbeddingMonitor, KnnMonitor, RunMonitor, preserved_random_state
@@ -35,9 +35,15 @@ from .weights import load_initial_weights
 
 
 def config_from_checkpoint(saved: dict) -> DictConfig:
-    """A checkpoint's own config, as composed and validated when it was trained; keys added to fastssl
-    since then take their defaults (they do not change the architecture of a model already trained)."""
-    return OmegaConf.merge(OmegaConf.create(ROOT_DEFAULTS), OmegaConf.create(saved["config"]))
+    """A checkpoint's own config, validated as a command line's is (a checkpoint may come from anywhere:
+    its config names the folders that the commands read and generate into); keys added to fastssl since it
+    was trained take their defaults (they do not change the architecture of a model already trained)."""
+    config = saved.get("config") if isinstance(saved, dict) else None
+    if not isinstance(config, dict):
+        raise ConfigError("the checkpoint holds no fastssl config (is it a fastssl training checkpoint?)")
+    validate(config, ROOT_DEFAULTS)  # before merging: a mapping where a value belongs would break the merge
+    merged = OmegaConf.merge(OmegaConf.create(ROOT_DEFAULTS), OmegaConf.create(config))
+    return check_config(OmegaConf.to_container(merged, resolve=False))
 
 
 # ---------------- machine and processes ----------------------------------------------------------
@@ -118,6 +124,12 @@ def preflight(cfg: DictConfig) -> None:
         raise
     except (ValueError, TypeError) as error:
         raise ConfigError(str(error).splitlines()[0] if str(error) else type(error).__name__) from None
+
+
+def check_checkpoint_dir(cfg: DictConfig) -> str | None:
+    """CHECKPOINT.DIR, checked before any data or model is built: a one-line CheckpointError for a folder that
+    cannot hold checkpoints, a notice for one holding files fastssl did not write (checkpoint.py)."""
+    return check_checkpoint_directory(cfg.CHECKPOINT.DIR)
 
 
 # ---------------- method -------------------------------------------------------------------------

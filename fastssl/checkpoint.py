@@ -90,6 +90,46 @@ def _remove_unfinished_saves(directory: Path) -> None:
               f"{', '.join(p.name for p in unfinished)}", file=sys.stderr)
 
 
+# What fastssl writes in a CHECKPOINT.DIR: checkpoints and their temporary files, metrics, TensorBoard, ClusterFit's
+# features and outputs, linear evaluation runs, a sweep job's own files (Hydra's .hydra, submitit's logs).
+_OWN_NAMES = re.compile(r"^(checkpoint_step\d+\.torch|rank_state_step\d+_rank\d+\.torch|metrics\.jsonl|tensorboard"
+                        r"|nan_dump_rank\d+_step\d+\.torch|features_.*|linear_eval.*|sweep_job\.json"
+                        r"|.*_(labels|images|centroids)\.npy|.*_summary\.json|.*\.log|\..*)$")
+_LONGEST_OWN_NAME = 64  # characters of the longest file name fastssl writes there (a checkpoint's temporary file)
+
+
+def check_checkpoint_directory(directory: str | Path) -> str | None:
+    """Check CHECKPOINT.DIR before any data or model is built: create it and write a probe file there, so a
+    path that is a file, unwritable or too long is a one-line CheckpointError now rather than at the first save.
+    The filesystem's root or the home directory is refused; a directory holding files fastssl did not write is
+    returned as a notice (the checkpoints go beside them; fastssl never removes them)."""
+    directory = Path(os.path.abspath(Path(directory).expanduser()))
+    name_max, path_max = os.pathconf(directory.anchor, "PC_NAME_MAX"), os.pathconf(directory.anchor, "PC_PATH_MAX")
+    if max(len(part) for part in directory.parts) > name_max or len(str(directory)) + 1 + _LONGEST_OWN_NAME > path_max:
+        raise CheckpointError(f"config.CHECKPOINT.DIR is too long ({len(str(directory))} characters; a name may have "
+                              f"{name_max}, a path {path_max} with the checkpoint's own name)")
+    directory = directory.resolve()
+    refused = {Path(directory.anchor): "the root of the filesystem", Path.home().resolve(): "your home directory"}
+    if directory in refused:
+        raise CheckpointError(f"config.CHECKPOINT.DIR={directory} is {refused[directory]}: name a folder of its own "
+                              "for the run's checkpoints")
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"config.CHECKPOINT.DIR={directory} is a file, not a folder")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        descriptor, probe = tempfile.mkstemp(dir=directory, prefix=".fastssl-probe-")
+        os.close(descriptor)
+        os.unlink(probe)
+    except OSError as error:
+        raise CheckpointError(f"config.CHECKPOINT.DIR={directory} cannot hold checkpoints: "
+                              f"{error.strerror or type(error).__name__}") from None
+    foreign = sorted(path.name for path in directory.iterdir() if not _OWN_NAMES.match(path.name))
+    if foreign:
+        return (f"config.CHECKPOINT.DIR={directory} holds {len(foreign)} file(s) fastssl did not write (such as "
+                f"{foreign[0]!r}); the run's files go beside them and fastssl never removes them")
+    return None
+
+
 def rank_state_path(directory: str | Path, *, step: int, rank: int) -> Path:
     return Path(directory) / f"rank_state_step{step:08d}_rank{rank}.torch"
 

@@ -32,6 +32,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,12 +92,17 @@ def batches_of_rank(num_samples: int, *, rank: int, world_size: int, batch_size:
 
 def write_atomically(path: Path, write: Callable) -> None:
     """write(file) into a temporary file beside ``path``, then rename it: a reader never sees half a file."""
-    temporary = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    with open(temporary, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    # A fresh temporary name, created exclusively: a link planted beside ``path`` is never followed.
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    try:
+        with os.fdopen(descriptor, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def features_of(trunk: nn.Module, images: torch.Tensor, layer_name: str) -> torch.Tensor:
@@ -105,11 +111,27 @@ def features_of(trunk: nn.Module, images: torch.Tensor, layer_name: str) -> torc
     return (global_average_pool(features) if features.dim() == 4 else features).float()
 
 
+def readable_chunks(job: ClusterFeaturesJob) -> list[dict]:
+    """This rank's saved chunks up to the first damaged one (a disk fault, a copy cut short), which is removed
+    with the chunks after it, so that the extraction resumes from there (a notice says so)."""
+    paths, chunks = rank_chunks(job.features_dir, rank=job.rank), []
+    for number, path in enumerate(paths):
+        try:
+            chunks.append(read_chunk(path))
+        except DamagedChunk as error:
+            for later in paths[number:]:  # fastssl's own chunk files, named by chunk_path
+                later.unlink(missing_ok=True)
+            job.notice(f"rank {job.rank}: {error}; it and the {len(paths) - number - 1} chunk(s) after it were "
+                       "removed and are extracted again")
+            break
+    return chunks
+
+
 @torch.no_grad()
 def extract(job: ClusterFeaturesJob) -> bool:
     """Extract this rank's remaining batches into chunk files; True when the rank's shard is complete."""
-    saved = rank_chunks(job.features_dir, rank=job.rank)
-    chunk, done = len(saved), sum(read_chunk(path)["num_batches"] for path in saved)
+    saved = readable_chunks(job)
+    chunk, done = len(saved), sum(saved_chunk["num_batches"] for saved_chunk in saved)
     total = batches_of_rank(job.num_samples, rank=job.rank, world_size=job.world_size, batch_size=job.batch_size)
     if done:
         job.notice(f"rank {job.rank}: resuming the extraction at batch {done} of {total} ({chunk} chunks saved)")
@@ -143,9 +165,24 @@ def extract(job: ClusterFeaturesJob) -> bool:
     return done + this_run == total
 
 
+class DamagedChunk(ValueError):
+    """A feature chunk that cannot be read or does not hold what save_chunk writes (a one-line message)."""
+
+
 def read_chunk(path: Path) -> dict:
-    """A chunk file, its tensors memory-mapped (counting the batches done reads no features)."""
-    return torch.load(path, weights_only=True, mmap=True)
+    """A chunk file, its tensors memory-mapped (counting the batches done reads no features); DamagedChunk when
+    it cannot be read or its contents are not a chunk's."""
+    try:
+        chunk = torch.load(path, weights_only=True, mmap=True)
+    except Exception as error:  # torch's zip reader and unpickler raise several types
+        detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
+        raise DamagedChunk(f"feature chunk {path} is damaged ({detail})") from None
+    valid = (isinstance(chunk, dict) and isinstance(chunk.get("num_batches"), int) and chunk["num_batches"] > 0
+             and isinstance(chunk.get("features"), torch.Tensor) and isinstance(chunk.get("indices"), torch.Tensor)
+             and chunk["features"].dim() == 2 and chunk["indices"].shape == chunk["features"].shape[:1])
+    if not valid:
+        raise DamagedChunk(f"feature chunk {path} is damaged (it does not hold a chunk's features and indices)")
+    return chunk
 
 
 def save_chunk(job: ClusterFeaturesJob, *, chunk: int, first_batch: int, features: list, indices: list) -> None:
@@ -179,7 +216,10 @@ def gather_features(job: ClusterFeaturesJob) -> tuple[np.ndarray, np.ndarray] | 
     or None (with a notice) while a rank's shard is incomplete."""
     features, indices = [], []
     for rank in range(job.world_size):
-        chunks = [read_chunk(path) for path in rank_chunks(job.features_dir, rank=rank)]
+        try:
+            chunks = [read_chunk(path) for path in rank_chunks(job.features_dir, rank=rank)]
+        except DamagedChunk as error:  # another rank's, damaged since it was written: its extract repairs it
+            raise DamagedChunk(f"{error}; the same command extracts it again") from None
         expected = batches_of_rank(job.num_samples, rank=rank, world_size=job.world_size, batch_size=job.batch_size)
         done = sum(chunk["num_batches"] for chunk in chunks)
         if done != expected:

@@ -8,6 +8,7 @@ then checked against configs/defaults.yaml, so a typo is an error that names the
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from pathlib import Path
 
@@ -16,14 +17,39 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
+from .metrics import notice
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 # VISSL's older key path for trunk parameters (used on the NPID page) and where it lives now.
 KEY_ALIASES = {"MODEL.TRUNK.TRUNK_PARAMS.": "MODEL.TRUNK."}
 
 
+MAX_SHOWN = 80       # characters of a value echoed in an error (a 1 MB value is not printed whole)
+MAX_NESTING = 32     # levels of lists and mappings in one command-line value
+
+
 class ConfigError(ValueError):
     """A one-line, user-facing configuration error (the CLI prints it and exits with status 2)."""
+
+
+def shown(value) -> str:
+    """repr(value), cut to MAX_SHOWN characters with the full length said."""
+    text = repr(value)
+    return text if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN]}... ({len(text)} characters)"
+
+
+def _nesting(value) -> int:
+    """Levels of lists and mappings in a parsed value (0 for a scalar), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (list, tuple, dict)):
+            deepest = max(deepest, depth + 1)
+            if deepest > MAX_NESTING:
+                break
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
 
 
 def join_words(argv: list[str]) -> list[str]:
@@ -44,7 +70,8 @@ def split_arguments(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     groups, assignments = [], []
     for word in join_words(argv):
         if "=" not in word:
-            raise ConfigError(f"cannot read argument {word!r}: expected config=..., +config/...=... or config.KEY=value")
+            raise ConfigError(f"cannot read argument {shown(word)}: expected config=..., +config/...=... or "
+                              "config.KEY=value")
         key, value = word.split("=", 1)
         if key in ("config", "+config"):
             groups.append(f"+config={value}")
@@ -53,7 +80,7 @@ def split_arguments(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
         elif key.startswith("config."):
             assignments.append((key[len("config."):], value))
         else:
-            raise ConfigError(f"cannot read argument {word!r}: keys start with config.")
+            raise ConfigError(f"cannot read argument {shown(word)}: keys start with config.")
     return groups, assignments
 
 
@@ -62,7 +89,11 @@ def parse_value(text: str):
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ConfigError(f"cannot parse value {text!r}: {str(error).splitlines()[0]}") from None
+        raise ConfigError(f"cannot parse value {shown(text)}: {str(error).splitlines()[0]}") from None
+    except RecursionError:  # deeper than the parser's stack
+        raise ConfigError(f"value {shown(text)} is nested more than {MAX_NESTING} levels deep") from None
+    if _nesting(value) > MAX_NESTING:
+        raise ConfigError(f"value {shown(text)} is nested more than {MAX_NESTING} levels deep")
     if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value):
         return float(value)
     return value
@@ -125,7 +156,7 @@ def validate(config: dict, defaults: dict, prefix: str = "") -> None:
             raise ConfigError(f"unknown config key config.{path}" + (f"; did you mean config.{hint}?" if hint else ""))
         default = defaults[key]
         if not _type_ok(default, value):
-            raise ConfigError(f"config.{path} must be {_article(_type_name(default))}, got {value!r}")
+            raise ConfigError(f"config.{path} must be {_article(_type_name(default))}, got {shown(value)}")
         if isinstance(default, dict) and isinstance(value, dict):
             validate(value, default, path + ".")
 
@@ -142,7 +173,7 @@ def _set(config: dict, path: str, value) -> None:
             raise ConfigError(f"unknown config key config.{path}" + (f"; did you mean config.{hint}?" if hint else ""))
         if depth == len(parts) - 1:
             if not _type_ok(defaults[part], value):
-                raise ConfigError(f"config.{path} must be {_article(_type_name(defaults[part]))}, got {value!r}")
+                raise ConfigError(f"config.{path} must be {_article(_type_name(defaults[part]))}, got {shown(value)}")
             node[part] = value
         else:
             node = node.setdefault(part, {})
@@ -168,6 +199,8 @@ def _in_range(value, rule: str) -> bool:
         return all(_in_range(item, rule) for item in value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return True  # the type check has spoken already
+    if not math.isfinite(value):  # inf passes "> 0"; no key takes an infinite or NaN value
+        return False
     if match.group(1):
         bound = float(match.group(2))
         return value > bound if match.group(1) == ">" else value >= bound
@@ -194,13 +227,46 @@ def check_ranges(config: dict) -> None:
     for pattern, rule in RANGES.items():
         for path, value in _matching(config, pattern.split(".")):
             if value is not None and not _in_range(value, rule):
-                raise ConfigError(f"config.{path}={value!r} is out of range: it must be {rule.strip()}")
+                raise ConfigError(f"config.{path}={shown(value)} is out of range: it must be {rule.strip()}")
+
+
+def _interpolations(node, prefix: str = ""):
+    """The dotted path of every string value holding ``${``, which OmegaConf would resolve as an interpolation."""
+    if isinstance(node, dict):
+        for key, child in node.items():
+            yield from _interpolations(child, f"{prefix}{key}.")
+    elif isinstance(node, (list, tuple)):
+        for index, child in enumerate(node):
+            yield from _interpolations(child, f"{prefix}{index}.")
+    elif isinstance(node, str) and "${" in node:
+        yield prefix[:-1]
+
+
+def check_config(config: dict) -> DictConfig:
+    """Validate a whole config dict (from the command line or a checkpoint) and return it read-only: every key
+    known and of its type, every value in its range, the method a real one, and no ``${...}`` (values are
+    taken literally; OmegaConf would read it as an interpolation of another key or an environment variable)."""
+    validate(config, ROOT_DEFAULTS)
+    check_ranges(config)
+    interpolated = next(_interpolations(config), None)
+    if interpolated is not None:
+        raise ConfigError(f"config.{interpolated} holds '${{': fastssl takes values literally and refuses OmegaConf "
+                          "interpolations (write the value itself)")
+    losses = sorted(key for key in ROOT_DEFAULTS["LOSS"] if key != "name")
+    if config["LOSS"]["name"] not in losses:
+        hint = difflib.get_close_matches(config["LOSS"]["name"], losses, n=1)
+        raise ConfigError(f"config.LOSS.name {shown(config['LOSS']['name'])} is not a method: one of "
+                          f"{', '.join(losses)}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+    result = OmegaConf.create(config)
+    OmegaConf.set_readonly(result, True)
+    return result
 
 
 def compose_config(argv: list[str]) -> DictConfig:
     """Compose defaults + seed files + command-line values and validate every key.
 
-    Returns the ``config`` node as a read-only DictConfig. Raises ConfigError on bad input.
+    Returns the ``config`` node as a read-only DictConfig. Raises ConfigError on bad input. A key given twice
+    on the command line takes its last value, and says so.
     """
     groups, assignments = split_arguments(argv)
     GlobalHydra.instance().clear()
@@ -218,15 +284,10 @@ def compose_config(argv: list[str]) -> DictConfig:
         raise ConfigError(f"config files must put their keys under config:, found {unexpected[0]!r}")
     config = config["config"]
     validate(config, ROOT_DEFAULTS)
+    given = {}
     for path, text in assignments:
+        if path in given and given[path] != text:
+            notice(f"config.{path} is given twice: the last value, {shown(text)}, wins over {shown(given[path])}")
+        given[path] = text
         _set(config, path, parse_value(text))
-    validate(config, ROOT_DEFAULTS)  # a mapping set whole from the command line is checked key by key
-    check_ranges(config)
-    losses = sorted(key for key in ROOT_DEFAULTS["LOSS"] if key != "name")
-    if config["LOSS"]["name"] not in losses:
-        hint = difflib.get_close_matches(config["LOSS"]["name"], losses, n=1)
-        raise ConfigError(f"config.LOSS.name {config['LOSS']['name']!r} is not a method: one of {', '.join(losses)}"
-                          + (f"; did you mean {hint[0]!r}?" if hint else ""))
-    result = OmegaConf.create(config)
-    OmegaConf.set_readonly(result, True)
-    return result
+    return check_config(config)  # a mapping set whole from the command line is checked key by key

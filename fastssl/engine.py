@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import TrainingCheckpoint, TrainState
+from .checkpoint import TrainingCheckpoint, TrainState, latest_checkpoint
 from .methods.base import Method
 from .metrics import RunLogger
 from .monitor import RunMonitor
@@ -18,6 +18,13 @@ from .monitor import RunMonitor
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the offending tensors were written to ``dump_path``."""
+
+
+def _last_good(checkpoint: TrainingCheckpoint) -> str:
+    """What a NaN stop leaves to resume from: the latest checkpoint, or none (it is not promised when absent)."""
+    last = latest_checkpoint(checkpoint.directory)
+    return (f"the last good checkpoint, {last}, is intact" if last else
+            f"no checkpoint was saved before it in {checkpoint.directory}")
 
 
 @dataclass
@@ -182,7 +189,7 @@ def _log_period(window: MetricsWindow, *, step: int, epoch: int, end_of_epoch: b
                                 rank=settings.rank)
         raise NonFiniteLossError(
             f"loss became non-finite at step {bad} (seen at step {step}); inputs and outputs of step "
-            f"{step} written to {dump}; the last good checkpoint in {checkpoint.directory} is intact")
+            f"{step} written to {dump}; {_last_good(checkpoint)}")
     record = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": float(settings.lr_schedule[step]),
               "images_per_s": settings.images_per_step * steps_in_window / elapsed,
               "data_wait_share": wait / elapsed, "seconds_per_step": elapsed / steps_in_window}

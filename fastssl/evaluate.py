@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -31,9 +32,10 @@ from loaders.sources import resolve_image_folder
 
 from . import train
 from .builder import config_from_checkpoint
-from .checkpoint import latest_checkpoint, load_checkpoint
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from .config import ConfigError
 from .plot import plot_neighbours
+from .metrics import read_records
 from .run_data import build_eval_data, data_source, synthetic_params
 from .run_model import build_run_model, linear_eval_arguments
 
@@ -115,8 +117,7 @@ def held_out_folder(cfg, *, val_path: str | None, val_per_class: int) -> str | N
     if val_path is not None or source != "synthetic":
         raise ValueError("--val-per-class takes the built-in dataset's held-out split; "
                          + ("not with --val-path" if val_path else f"this run trains on {train_path}"))
-    # Always in the cache (root None): a SYNTHETIC.ROOT holds one manifest and would be regenerated.
-    larger = {**synthetic_params(cfg), "root": None, "val_per_class": val_per_class}
+    larger = {**synthetic_params(cfg), "val_per_class": val_per_class}  # beside the run's, in its own folder
     return str(resolve_image_folder(source="synthetic", data_path=None, split="val", synthetic_params=larger))
 
 
@@ -134,8 +135,16 @@ def _knn_command(args) -> int:
     checkpoint_file = _checkpoint_file(args.checkpoint)
     if checkpoint_file is None:
         return 2
-    saved = load_checkpoint(checkpoint_file)
-    cfg = config_from_checkpoint(saved)
+    try:
+        saved = load_checkpoint(checkpoint_file)
+        missing = [key for key in ("model", "config", "head_params", "step") if key not in saved]
+        if missing:
+            raise CheckpointError(f"{checkpoint_file} is not a fastssl training checkpoint "
+                                  f"(it has no {missing[0]!r})")
+        cfg = config_from_checkpoint(saved)
+    except (CheckpointError, ConfigError) as error:
+        print(f"fastssl-eval: error: {error}", file=sys.stderr)
+        return 2
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
 
     def trunk_builder():
@@ -234,8 +243,7 @@ def _neighbours_command(args) -> int:
 
 def final_metrics(directory: Path) -> dict | None:
     """The last end-of-training record of a run's metrics.jsonl (fastssl/metrics.py, log_final)."""
-    path = directory / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    records, _ = read_records(directory / "metrics.jsonl")
     ends = [record for record in records if record.get("phase") == "end"]
     return ends[-1] if ends else None
 
@@ -269,28 +277,50 @@ def _linear_command(args, overrides: list[str]) -> int:
     return 0
 
 
+def _at_least(minimum: int):
+    """An argparse type: an integer >= minimum."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def _positive_finite(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
+_positive_finite.__name__ = "number"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastssl-eval", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     knn = commands.add_parser("knn", help="weighted kNN top-1 of the trunk features")
     knn.add_argument("--checkpoint", required=True, help="a checkpoint file or a checkpoint directory (latest)")
-    knn.add_argument("--k", type=int, default=20)
-    knn.add_argument("--temperature", type=float, default=0.07)
+    knn.add_argument("--k", type=_at_least(1), default=20)
+    knn.add_argument("--temperature", type=_positive_finite, default=0.07)
     knn.add_argument("--baselines", action="store_true", help="also evaluate a randomly initialised trunk")
-    knn.add_argument("--image-size", type=int, default=0, help="evaluation resolution (default: the large crop)")
+    knn.add_argument("--image-size", type=_at_least(0), default=0,
+                     help="evaluation resolution (default: the large crop)")
     knn.add_argument("--train-path", default=None, help="ImageFolder of training images (default: from the run)")
     knn.add_argument("--val-path", default=None, help="ImageFolder of held-out images (synthetic: built in)")
-    knn.add_argument("--val-per-class", type=int, default=0,
+    knn.add_argument("--val-per-class", type=_at_least(0), default=0,
                      help="built-in dataset: N held-out images a class (default: the run's split, 50)")
-    knn.add_argument("--batch-size", type=int, default=256)
-    knn.add_argument("--workers", type=int, default=2)
+    knn.add_argument("--batch-size", type=_at_least(1), default=256)
+    knn.add_argument("--workers", type=_at_least(0), default=2)
     knn.add_argument("--cpu", action="store_true")
     linear = commands.add_parser("linear", help="train a linear classifier on the frozen trunk (a fastssl-train run)")
     linear.add_argument("--checkpoint", required=True, help="a checkpoint file or a checkpoint directory (latest)")
-    linear.add_argument("--epochs", type=int, default=0, help="classifier epochs (default: the protocol's)")
+    linear.add_argument("--epochs", type=_at_least(0), default=0, help="classifier epochs (default: the protocol's)")
     linear.add_argument("--random-trunk", action="store_true", help="the same architecture, randomly initialised")
     linear.add_argument("--val-path", default=None, help="ImageFolder of held-out images (synthetic: built in)")
-    linear.add_argument("--val-per-class", type=int, default=0,
+    linear.add_argument("--val-per-class", type=_at_least(0), default=0,
                         help="built-in dataset: N held-out images a class (default: the run's split, 50)")
     linear.add_argument("--output", default=None, help="the run's directory (default: <run>/linear_eval[_random])")
     linear.add_argument("--cpu", action="store_true")

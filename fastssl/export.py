@@ -15,7 +15,9 @@ names its own modules).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -26,16 +28,21 @@ from .weights import VISSL_KEY, fastssl_name, read_weights_file, select_state_di
 FORMATS = ("torchvision", "vissl")
 
 
-def read_model_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The model state dict (fastssl's names, contiguous tensors: channels_last is a training-time layout) of
-    a checkpoint file, or of a run directory's latest one."""
+def input_file(path: str | Path) -> Path:
+    """A checkpoint file, or a run directory's latest checkpoint."""
     path = Path(path)
     if path.is_dir():
         found = latest_checkpoint(path)
         if found is None:
             raise FileNotFoundError(f"no checkpoint_step*.torch in {path}")
-        path = found
-    state, _ = select_state_dict(read_weights_file(path), state_dict_key_name=VISSL_KEY)
+        return found
+    return path
+
+
+def read_model_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model state dict (fastssl's names, contiguous tensors: channels_last is a training-time layout) of
+    a checkpoint file, or of a run directory's latest one."""
+    state, _ = select_state_dict(read_weights_file(input_file(path)), state_dict_key_name=VISSL_KEY)
     return {fastssl_name(name): value.contiguous() for name, value in state.items()}
 
 
@@ -57,9 +64,37 @@ def vissl_checkpoint(model_state: dict) -> dict:
     return {VISSL_KEY: {"base_model": {"model": parts}}}
 
 
-def export(source: str | Path, destination: str | Path, *, layout: str) -> int:
-    """Write ``source``'s model in ``layout`` ("torchvision" or "vissl") to ``destination``; returns the
-    number of tensors written."""
+def check_destination(source: str | Path, destination: str | Path, *, force: bool) -> None:
+    """Refuse (ValueError) to write onto the input, or onto an existing file without ``force``."""
+    source, destination = input_file(source), Path(destination)
+    if destination.is_dir():
+        raise ValueError(f"{destination} is a directory: name the file to write")
+    if destination.exists() and source.exists() and source.samefile(destination):
+        raise ValueError(f"{destination} is the input: write the export to another file")
+    if (destination.exists() or destination.is_symlink()) and not force:
+        raise ValueError(f"{destination} exists: pass --force to replace it")
+
+
+def save_atomically(state: dict, destination: Path) -> None:
+    """torch.save into a fresh temporary file beside ``destination``, then rename: a cut write leaves the
+    previous file whole, and a link planted at the name is replaced, never followed."""
+    descriptor, temporary = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.tmp-")
+    try:
+        with os.fdopen(descriptor, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, destination)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def export(source: str | Path, destination: str | Path, *, layout: str, force: bool = False) -> int:
+    """Write ``source``'s model in ``layout`` ("torchvision" or "vissl") to ``destination``, atomically; returns
+    the number of tensors written. An existing ``destination`` is replaced only with ``force``, and never
+    when it is the input (ValueError)."""
+    check_destination(source, destination, force=force)
     model_state = read_model_state(source)
     if layout == "torchvision":
         exported = torchvision_state_dict(model_state)
@@ -68,7 +103,7 @@ def export(source: str | Path, destination: str | Path, *, layout: str) -> int:
         exported = vissl_checkpoint(model_state)
         count = sum(len(part) for part in exported[VISSL_KEY]["base_model"]["model"].values())
     Path(destination).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(exported, destination)
+    save_atomically(exported, Path(destination))
     return count
 
 
@@ -78,10 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output", help="the file to write")
     parser.add_argument("--format", choices=FORMATS, default="torchvision",
                         help="torchvision: the trunk as a plain ResNet state dict; vissl: VISSL's checkpoint layout")
+    parser.add_argument("--force", action="store_true", help="replace an existing output file (never the input)")
     args = parser.parse_args(argv)
     try:
-        count = export(args.checkpoint, args.output, layout=args.format)
-    except (FileNotFoundError, ValueError) as error:
+        count = export(args.checkpoint, args.output, layout=args.format, force=args.force)
+    except (OSError, ValueError) as error:
         print(f"fastssl-export: error: {error}", file=sys.stderr)
         return 2
     print(f"fastssl-export: wrote {count} tensors in {args.format}'s layout to {args.output}")

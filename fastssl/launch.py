@@ -171,7 +171,10 @@ def run_workers(*, command: list[str], num_workers: int, node_rank: int, world_s
     second Ctrl-C, which kills the workers instead of waiting for their checkpoint).
     """
     error_dir = Path(tempfile.mkdtemp(prefix="fastssl-launch-"))
-    python_path = os.pathsep.join(p for p in (str(_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    # The workers never import from the directory the user runs in (a yaml.py planted there would run in every
+    # rank): PYTHONSAFEPATH keeps it off sys.path, and an empty PYTHONPATH entry, which means that directory, is
+    # dropped.
+    python_path = os.pathsep.join(p for p in (str(_ROOT), *os.environ.get("PYTHONPATH", "").split(os.pathsep)) if p)
     # torchrun's rule: without it each worker would start a thread per core and they would fight.
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // num_workers))
     processes = []
@@ -180,6 +183,7 @@ def run_workers(*, command: list[str], num_workers: int, node_rank: int, world_s
                "LOCAL_RANK": str(local_rank), "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(num_workers),
                "GROUP_RANK": str(node_rank),
                "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "PYTHONPATH": python_path,
+               "PYTHONSAFEPATH": "1",
                _ERROR_FILE: str(error_dir / f"rank{local_rank}.json"), _LAUNCHER_PID: str(os.getpid())}
         processes.append(subprocess.Popen(command, env=env, start_new_session=True))
 
@@ -259,12 +263,23 @@ def _report(processes, *, killed: set, error_dir: Path, node_rank: int, num_work
 # The worker side
 # ---------------------------------------------------------------------------------------------
 
+def spawned_by_launcher() -> bool:
+    """True in a worker that run_workers started: its parent is the launcher that the environment names, and
+    it leads its own session (start_new_session), and its error file lies in the launcher's fastssl-launch-*
+    folder, which exists while the launcher runs. A FASTSSL_LAUNCHER_PID or FASTSSL_ERROR_FILE left in the
+    environment of any other process (a shell that exported it) is never acted on."""
+    launcher, error_file = os.environ.get(_LAUNCHER_PID, ""), os.environ.get(_ERROR_FILE, "")
+    return (launcher.isdigit() and os.getppid() == int(launcher) and os.getsid(0) == os.getpid()
+            and bool(error_file) and Path(error_file).parent.name.startswith("fastssl-launch-")
+            and Path(error_file).parent.is_dir())
+
+
 def record_error(message: str) -> bool:
     """In a spawned worker, hand ``message`` to the launcher (which prints the root cause once) and
     return True; elsewhere return False, and the caller prints it."""
-    path = os.environ.get(_ERROR_FILE)
-    if not path:
+    if not spawned_by_launcher():
         return False
+    path = os.environ[_ERROR_FILE]
     Path(path).write_text(json.dumps({"time": time.time(), "rank": os.environ.get("RANK"), "message": message}))
     return True
 
@@ -272,9 +287,9 @@ def record_error(message: str) -> bool:
 def exit_with_launcher() -> None:
     """In a spawned worker, kill this worker's process group if the launcher disappears (kill -9),
     so that no worker outlives its job. A daemon thread checks the parent once a second."""
-    launcher = os.environ.get(_LAUNCHER_PID)
-    if not launcher:
+    if not spawned_by_launcher():
         return
+    launcher = os.environ[_LAUNCHER_PID]
 
     def watch():
         while os.getppid() == int(launcher):

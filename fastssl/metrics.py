@@ -1,9 +1,11 @@
 """Run logging: a progress bar with images/s, data-wait share and ETA; rank-0 JSONL; TensorBoard."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,17 +16,38 @@ def notice(message: str) -> None:
         print(f"fastssl: {message}", file=sys.stderr, flush=True)
 
 
+def open_without_links(path: Path, mode: str):
+    """open(path, mode) for "r" or "a", refusing (ValueError) a symbolic link at ``path``: a link planted in
+    the run's folder would otherwise make fastssl read or append to the file it points to."""
+    flags = {"r": os.O_RDONLY, "a": os.O_WRONLY | os.O_APPEND | os.O_CREAT}[mode]
+    try:
+        descriptor = os.open(path, flags | os.O_NOFOLLOW, 0o644)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise ValueError(f"{path} is a symbolic link: fastssl writes its own files and follows no link "
+                             "(remove it)") from None
+        raise
+    return os.fdopen(descriptor, mode, buffering=1)
+
+
 def _keep_records_before(path: Path, start_step: int) -> None:
     """Drop the records of steps at or after ``start_step`` (they run again after a resume from an earlier
-    checkpoint, as after a kill -9) and a line cut short by a kill, so every step is logged once."""
-    if not path.exists():
+    checkpoint, as after a kill -9) and a line cut short by a kill, so every step is logged once. The kept
+    lines go to a fresh temporary file renamed over ``path`` (a name planted beside it is never followed)."""
+    if not (path.exists() or path.is_symlink()):
         return
-    lines = path.read_text().splitlines()
+    with open_without_links(path, "r") as f:
+        lines = f.read().splitlines()
     kept = [line for line in lines if _step_of(line) < start_step]
     if len(kept) < len(lines):
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text("".join(f"{line}\n" for line in kept))
-        os.replace(temporary, path)
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+        try:
+            with os.fdopen(descriptor, "w") as f:
+                f.write("".join(f"{line}\n" for line in kept))
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
 
 
 def _step_of(line: str) -> float:
@@ -33,6 +56,24 @@ def _step_of(line: str) -> float:
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return float("inf")
+
+
+def read_records(path: Path) -> tuple[list[dict], int]:
+    """The records of a metrics.jsonl (none if it does not exist) and the number of lines that are not a JSON
+    object (a line cut short by a kill, or damage): skipped and counted, so one bad line loses only itself."""
+    if not path.exists():
+        return [], 0
+    with open_without_links(path, "r") as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records, len(lines) - len(records)
 
 
 class RunLogger:
@@ -52,7 +93,7 @@ class RunLogger:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         _keep_records_before(directory / "metrics.jsonl", start_step)
-        self.jsonl = open(directory / "metrics.jsonl", "a", buffering=1)
+        self.jsonl = open_without_links(directory / "metrics.jsonl", "a")
         if use_tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -161,6 +161,9 @@ def build_optimizer(model: nn.Module, *, name: str, momentum: float, nesterov: b
 # Schedules: a value for every point of training progress `where` in [0, 1), the semantics of
 # ClassyVision's param schedulers that VISSL uses.
 
+MAX_LR = 100.0  # far above any published recipe's peak LR (LARS at batch 32k: about 10)
+
+
 def _schedule_values(spec: dict, where: np.ndarray, epoch: np.ndarray) -> np.ndarray:
     """The schedule at every (where, epoch) pair, (N,) float64 each: whole arrays at once, so a schedule of
     millions of steps takes milliseconds."""
@@ -190,8 +193,15 @@ def _schedule_values(spec: dict, where: np.ndarray, epoch: np.ndarray) -> np.nda
 
 
 def check_schedule(spec: dict) -> None:
-    """Raise ValueError (one line) for an ill-formed schedule before training starts."""
+    """Raise ValueError (one line) for an ill-formed schedule before training starts: a learning rate is a finite
+    number in [0, MAX_LR] (a negative or infinite one would train silently to nothing)."""
     name = spec["name"]
+    used = {"constant": ["value"], "linear": ["start_value", "end_value"], "cosine": ["start_value", "end_value"],
+            "multistep": ["values"]}.get(name, [])
+    for key in used:
+        for value in (spec[key] if key == "values" else [spec[key]]):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= MAX_LR):
+                raise ValueError(f"the LR schedule's {key} {value!r} must be a finite number in [0, {MAX_LR}]")
     if name == "composite":
         subs, lengths = spec["schedulers"], spec["lengths"]
         if not subs or len(subs) != len(lengths):

@@ -36,6 +36,7 @@ from .run_data import launch_resources, planned_derived
 from .checkpoint import latest_checkpoint
 from .cli import Command
 from .config import ConfigError, compose_config, join_words
+from .metrics import notice, read_records
 
 PRIMARY = "fastssl_sweep"          # Hydra's primary config, stored in its ConfigStore
 SUMMARY_FILE = "sweep.jsonl"
@@ -179,12 +180,18 @@ def run_job(job) -> dict:
 
 def metrics_summary(job_dir: str) -> dict:
     """The last logged loss and step, and the mean images/s (the first record, with warm-up, left out)."""
-    path = Path(job_dir) / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    if not records:
-        return {"final_loss": None, "images_per_s": None, "step": None}
-    speeds = [r["images_per_s"] for r in records[1:] or records]
-    return {"final_loss": records[-1]["loss"], "images_per_s": sum(speeds) / len(speeds), "step": records[-1]["step"]}
+    records, malformed = read_records(Path(job_dir) / "metrics.jsonl")
+    steps = [record for record in records
+             if all(isinstance(record.get(key), (int, float)) for key in ("loss", "images_per_s", "step"))]
+    ends = sum(1 for record in records if record.get("phase") == "end")  # final metrics, not a step's
+    skipped = malformed + len(records) - len(steps) - ends
+    summary = {"final_loss": None, "images_per_s": None, "step": None, "skipped_lines": skipped}
+    if skipped:
+        notice(f"{job_dir}/metrics.jsonl: {skipped} line(s) that are not a step record skipped")
+    if steps:
+        speeds = [r["images_per_s"] for r in steps[1:] or steps]
+        summary.update(final_loss=steps[-1]["loss"], images_per_s=sum(speeds) / len(speeds), step=steps[-1]["step"])
+    return summary
 
 
 def requeue_if_stopped(argv: list[str], job_dir: str) -> None:

@@ -15,8 +15,8 @@ import sys
 import traceback
 
 from . import dist, launch, sweep
-from .builder import (build_cluster_features, build_run, engine_name, notice, plan_processes, preflight,
-                      select_device, start_process_group)
+from .builder import (build_cluster_features, build_run, check_checkpoint_dir, engine_name, notice, plan_processes,
+                      preflight, select_device, start_process_group)
 from .checkpoint import TrainState
 from .cli import help_text, read_command
 from .clusterfit import cluster_features
@@ -109,11 +109,15 @@ def main(argv: list[str] | None = None) -> int:
         if command.show_config:
             print(describe_job(cfg))
             return 0
+        if not launch.spawned_by_launcher():  # a spawned worker's launcher has checked it
+            warning = check_checkpoint_dir(cfg)  # before any data or model is built
+            if warning:
+                notice(warning)
         plan = plan_processes(cfg)
         if plan.notice:
             notice(plan.notice)
         if plan.spawn:
-            return launch.run_workers(command=[sys.executable, "-m", "fastssl.train", *argv],
+            return launch.run_workers(command=[sys.executable, "-P", "-m", "fastssl.train", *argv],
                                       num_workers=plan.spawn, node_rank=plan.node_rank, world_size=plan.world_size,
                                       master_addr=plan.master_addr, master_port=plan.master_port)
         os.environ.update(plan.worker_env)

@@ -244,16 +244,29 @@ class FolderLoader:
         return len(self.batch_sampler)
 
     def __iter__(self) -> Iterator[Batch]:
-        for crops, indices, labels, failed in self.loader:
-            for path in failed:
-                if path not in self.skipped:
-                    log.warning("skipping an unreadable image (replaced by the next readable one): %s", path)
-                self.skipped[path] = self.skipped.get(path, 0) + 1
-            yield Batch(
-                crops=[self._to_device(crop) for crop in crops],
-                indices=indices.to(self.device, non_blocking=True),
-                labels=labels.to(self.device, non_blocking=True) if self.has_labels else None,
-            )
+        try:
+            for crops, indices, labels, failed in self.loader:
+                for path in failed:
+                    if path not in self.skipped:
+                        log.warning("skipping an unreadable image (replaced by the next readable one): %s", path)
+                    self.skipped[path] = self.skipped.get(path, 0) + 1
+                yield Batch(
+                    crops=[self._to_device(crop) for crop in crops],
+                    indices=indices.to(self.device, non_blocking=True),
+                    labels=labels.to(self.device, non_blocking=True) if self.has_labels else None,
+                )
+        except Exception as error:
+            # The persistent workers ignore SIGTERM (_ignore_sigterm), which is how multiprocessing's exit handler
+            # ends them: left alive, the process would hang at exit after printing the error. End them now.
+            self.close()
+            raise _worker_error(error) from None
+
+    def close(self) -> None:
+        """End the DataLoader's worker processes (torch's own shutdown: each is told to exit and joined)."""
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self.loader._iterator = None
 
     def _to_device(self, crop: torch.Tensor) -> torch.Tensor:
         # Copy float32 from pinned memory, then convert on the device (fast there, slow on the host).
@@ -296,6 +309,20 @@ def collate_crops(samples: list[tuple]) -> tuple[list[torch.Tensor], torch.Tenso
     labels = torch.tensor([sample[2] for sample in samples], dtype=torch.int64)
     failed = [path for sample in samples for path in sample[3]]
     return crops, indices, labels, failed
+
+
+def _worker_error(error: Exception) -> Exception:
+    """The error a DataLoader worker raised, as its own one-line message: torch re-raises it in the trainer as
+    "Caught ValueError in DataLoader worker process 0.\nOriginal Traceback ...\nValueError: <message>"."""
+    lines = str(error).strip().splitlines()
+    if len(lines) < 2 or not (lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]):
+        return error
+    prefix = f"{type(error).__name__}: "
+    message = lines[-1][len(prefix):] if lines[-1].startswith(prefix) else lines[-1]
+    try:
+        return type(error)(message)
+    except Exception:  # an exception type whose constructor takes something else than a message
+        return error
 
 
 def _ignore_sigterm(worker_id: int) -> None:

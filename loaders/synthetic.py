@@ -17,7 +17,8 @@ shape stays the strongest thing the views share, so SwAV leaves its plateau with
 budget and its features beat a random trunk's (benchmarks/RESULTS.md).
 
 Layout (ImageFolder): <root>/train/<class>/00000.jpg and <root>/val/<class>/00000.jpg, plus a
-manifest recording the generation parameters. Generation writes to a temporary sibling
+manifest recording the generation parameters; <root> is named for the parameters, inside the cache or
+DATA.TRAIN.SYNTHETIC.ROOT. Generation writes to a temporary sibling
 directory and renames it into place, so a killed run never leaves half a dataset behind.
 """
 from __future__ import annotations
@@ -65,21 +66,21 @@ def ensure_synthetic_dataset(
 ) -> Path:
     """Return the root of the synthetic dataset, generating it first if needed.
 
-    root: where to keep it; None: $FASTSSL_CACHE (or ~/.cache/fastssl)/synthetic-<params>.
-    An existing directory with a matching manifest is reused; one with another manifest is
-    regenerated; a non-empty directory without a manifest is refused (ValueError), so user
-    data is never overwritten.
+    root: a folder that holds datasets, each in a folder named for its parameters (<root>/synthetic-<params>),
+    or one such dataset folder itself; None: $FASTSSL_CACHE (or ~/.cache/fastssl). Other parameters make
+    another folder beside the first, so changing them deletes nothing. A dataset folder whose manifest is
+    fastssl's but of other parameters (an older generator) is replaced; one without a manifest that holds
+    anything is refused (ValueError): only what fastssl wrote is ever removed.
     """
     params = {
         "version": _GENERATOR_VERSION, "image_size": int(image_size), "seed": int(seed),
         "train_per_class": int(train_per_class), "val_per_class": int(val_per_class),
         "classes": list(CLASS_NAMES),
     }
-    if root is None:
-        root = cache_dir() / (
-            f"synthetic-{image_size}px-{train_per_class}x{val_per_class}-seed{seed}-v{_GENERATOR_VERSION}"
-        )
-    root = Path(root).expanduser()
+    parent = cache_dir() if root is None else Path(root).expanduser()
+    if _read_manifest(parent) == params:  # the dataset folder itself
+        return parent
+    root = parent / f"synthetic-{image_size}px-{train_per_class}x{val_per_class}-seed{seed}-v{_GENERATOR_VERSION}"
     if _read_manifest(root) == params:
         return root
     if root.exists() and any(root.iterdir()) and _read_manifest(root) is None:
@@ -146,7 +147,10 @@ def _read_manifest(root: Path) -> dict | None:
 def _move_into_place(staging: Path, root: Path, params: dict) -> None:
     """Rename staging to root; tolerate another process (another rank) having won the race."""
     if root.exists():
-        # An outdated dataset (checked by the caller) or an empty directory: move it aside first.
+        # fastssl's own dataset of other parameters, or an empty directory (checked by the caller, and again
+        # here: another process may have written into it since): move it aside first.
+        if _read_manifest(root) is None and any(root.iterdir()):
+            raise ValueError(f"synthetic dataset: {root} is a non-empty directory without {MANIFEST_NAME}")
         stale = root.parent / f".{root.name}.stale-{os.getpid()}"
         os.rename(root, stale)
         shutil.rmtree(stale, ignore_errors=True)

@@ -27,9 +27,9 @@ def read_labels(path: str | Path, *, num_samples: int, num_classes: int, ignore_
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"labels file {path} (DATA.TRAIN.LABEL_PATHS) does not exist")
-    try:
-        labels = np.load(path, allow_pickle=False)
-    except ValueError as error:
+    try:  # memory-mapped: a header claiming more labels than the file holds allocates nothing and is refused
+        labels = np.load(path, allow_pickle=False, mmap_mode="r")
+    except (ValueError, OSError) as error:
         raise ValueError(f"labels file {path} is not a numpy array of integers: {error}") from None
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels file {path} holds a {labels.dtype} array of shape {labels.shape}; "
@@ -41,7 +41,7 @@ def read_labels(path: str | Path, *, num_samples: int, num_classes: int, ignore_
     if used.size and (used.min() < 0 or used.max() >= num_classes):
         raise ValueError(f"labels file {path} has labels in [{used.min()}, {used.max()}] but the head has "
                          f"{num_classes} outputs (MODEL.HEAD.PARAMS[-1] dims[-1] must be CLUSTERFIT.NUM_CLUSTERS)")
-    return torch.from_numpy(labels.astype(np.int64))
+    return torch.from_numpy(np.array(labels, dtype=np.int64))
 
 
 class ClusterFit(Method):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from fastssl import launch
 from fastssl.launch import expand_nodelist, plan_launch, run_workers
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -182,3 +183,25 @@ def test_workers_do_not_outlive_a_killed_launcher(tmp_path):
     while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(_alive(pid) for pid in pids)
+
+
+def test_a_stray_launcher_pid_or_error_file_in_the_environment_is_never_acted_on(tmp_path, monkeypatch):
+    """Only a worker that run_workers started (its child, leading its own session) watches the launcher and
+    writes the error file: an exported FASTSSL_LAUNCHER_PID would otherwise kill the caller's process group."""
+    error_file = tmp_path / "users_file"
+    error_file.write_text("mine")
+    monkeypatch.setenv("FASTSSL_LAUNCHER_PID", str(os.getppid()))
+    monkeypatch.setenv("FASTSSL_ERROR_FILE", str(error_file))
+    launch.exit_with_launcher()
+    assert "fastssl-launcher-watch" not in [thread.name for thread in threading.enumerate()]
+    assert launch.record_error("an error") is False and error_file.read_text() == "mine"
+
+
+def test_spawned_workers_never_import_from_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "planted.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep + os.environ.get("PYTHONPATH", ""))  # an empty entry: the cwd
+    status = run_workers(command=[sys.executable, "-c", "import importlib.util, sys; "
+                                  "sys.exit(importlib.util.find_spec('planted') is not None)"],
+                         num_workers=2, node_rank=0, world_size=2, master_addr="127.0.0.1", master_port=1)
+    assert status == 0 and not (tmp_path / "ran").exists()

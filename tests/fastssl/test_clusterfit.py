@@ -3,6 +3,7 @@ features + k-means -> training on the labels -> kNN. The labels file format, a s
 to the same result, 2 ranks extracting what 1 rank does, step 2 resumed exactly, the page's seed command
 lines composed at full size and run CPU-sized."""
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -235,3 +236,29 @@ def test_cpu_configs_pipeline_at_full_cpu_size(tmp_path, capsys):
     capsys.readouterr()
     assert eval_main(["knn", "--checkpoint", str(tmp_path / "c")]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["knn_top1"]["trained"] > 10.0
+
+
+def test_write_atomically_never_follows_a_link_planted_at_its_temporary_name(tmp_path):
+    from fastssl.clusterfit import write_atomically
+
+    target = tmp_path / "users_file"
+    target.write_bytes(b"mine")
+    (tmp_path / f".labels.npy.tmp-{os.getpid()}").symlink_to(target)
+    write_atomically(tmp_path / "labels.npy", lambda f: f.write(b"labels"))
+    assert target.read_bytes() == b"mine" and (tmp_path / "labels.npy").read_bytes() == b"labels"
+
+
+def test_a_damaged_feature_chunk_is_one_line_and_the_same_command_resumes_past_it(tmp_path, rotnet_weights,
+                                                                                   step1_straight, capsys):
+    from fastssl.clusterfit import DamagedChunk
+    assert step1(tmp_path, rotnet_weights, "config.CLUSTERFIT.FEATURES.MAX_BATCHES=3") == 0
+    chunks = rank_chunks(next(tmp_path.glob("features_*")), rank=0)
+    chunks[0].write_bytes(chunks[0].read_bytes()[:100])  # a copy cut short
+    with pytest.raises(DamagedChunk, match=r"feature chunk \S+ is damaged"):
+        read_chunk(chunks[0])
+    capsys.readouterr()
+    assert step1(tmp_path, rotnet_weights) == 0
+    err = capsys.readouterr().err
+    assert "is damaged" in err and "removed and are extracted again" in err
+    assert [read_chunk(path)["num_batches"] for path in rank_chunks(chunks[0].parent, rank=0)] == [2, 2, 2]
+    assert np.array_equal(np.load(tmp_path / LABELS), np.load(step1_straight / LABELS))

@@ -89,3 +89,51 @@ def test_what_a_config_asks_for_is_bounded_above_before_anything_is_allocated(ov
     """issue 23: each of these took gigabytes or minutes before failing (or not failing)."""
     with pytest.raises(ConfigError, match=r"is out of range: it must be \[\d+, \d+\]"):
         compose_config(["config=pretrain/swav/swav_1node_cpu_resnet18", override])
+
+
+@pytest.mark.parametrize("word", ["config.LOSS.swav_loss.temperature=.inf", "config.LOSS.swav_loss.epsilon=.Inf",
+                                  "config.LOSS.swav_loss.temperature=1e6", "config.LOSS.swav_loss.epsilon=.nan",
+                                  "config.OPTIMIZER.param_schedulers.lr.values=[0.1, -0.01, 0.001]",
+                                  "config.OPTIMIZER.param_schedulers.lr.auto_lr_scaling.base_value=.inf",
+                                  "config.OPTIMIZER.param_schedulers.lr.start_value=1e9"])
+def test_infinite_huge_or_negative_values_are_out_of_range(word):
+    with pytest.raises(ConfigError, match="out of range"):
+        compose_config([SWAV, word])
+
+
+def test_a_composite_lr_schedule_with_a_negative_or_infinite_part_is_refused():
+    from fastssl.optim import check_schedule
+    spec = {"name": "composite", "lengths": [0.5, 0.5], "interval_scaling": [], "values": [], "milestones": [],
+            "schedulers": [{"name": "linear", "start_value": 0.0, "end_value": float("inf")},
+                           {"name": "constant", "value": 0.1}]}
+    with pytest.raises(ValueError, match="end_value inf must be a finite number"):
+        check_schedule(spec)
+    spec["schedulers"][0]["end_value"] = -0.1
+    with pytest.raises(ValueError, match="end_value -0.1"):
+        check_schedule(spec)
+
+
+def test_an_interpolation_in_a_value_is_refused():
+    with pytest.raises(ConfigError, match=r"config.CHECKPOINT.DIR holds '\$\{'.*refuses OmegaConf interpolations"):
+        compose_config([SWAV, "config.CHECKPOINT.DIR=${oc.env:HOME}/x"])
+    with pytest.raises(ConfigError, match=r"config.DATA.TRAIN.DATA_PATHS.0 holds"):
+        compose_config([SWAV, "config.DATA.TRAIN.DATA_PATHS=['${CHECKPOINT.DIR}']"])
+
+
+def test_a_huge_value_is_not_echoed_whole():
+    with pytest.raises(ConfigError) as caught:
+        compose_config([SWAV, "config.LOSS.swav_loss.temperature=" + "x" * 1_000_000])
+    assert len(str(caught.value)) < 300 and "1000002 characters" in str(caught.value)
+
+
+@pytest.mark.parametrize("depth", [40, 5000])
+def test_a_deeply_nested_value_is_one_line(depth):
+    with pytest.raises(ConfigError, match="nested more than 32 levels"):
+        compose_config([SWAV, "config.DATA.TRAIN.DATA_PATHS=" + "[" * depth + "]" * depth])
+
+
+def test_a_key_given_twice_says_the_last_value_wins(capfd):
+    cfg = compose_config([SWAV, "config.LOSS.swav_loss.temperature=0.2", "config.LOSS.swav_loss.temperature=0.3"])
+    assert cfg.LOSS.swav_loss.temperature == 0.3
+    assert "config.LOSS.swav_loss.temperature is given twice: the last value, '0.3', wins over '0.2'" in \
+        capfd.readouterr().err

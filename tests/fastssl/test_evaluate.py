@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -55,3 +56,41 @@ def test_knn_on_a_larger_builtin_held_out_split_contains_the_configured_one(tmp_
             assert (larger / name / configured_file.name).read_bytes() == configured_file.read_bytes()
     assert eval_main(["knn", "--checkpoint", str(tmp_path), "--val-per-class", "5", "--val-path", str(larger)]) == 2
     assert "--val-per-class takes the built-in" in capsys.readouterr().err
+
+
+def _one_error_line(err: str, text: str) -> None:
+    assert len(err.strip().splitlines()) == 1 and err.startswith("fastssl-eval: error: ") and text in err, err
+
+
+def test_knn_on_an_unreadable_or_foreign_checkpoint_is_one_line(tmp_path, capsys):
+    damaged = tmp_path / "damaged.torch"
+    damaged.write_bytes(bytes(range(256)) * 40)
+    assert eval_main(["knn", "--checkpoint", str(damaged)]) == 2
+    _one_error_line(capsys.readouterr().err, "cannot read checkpoint")
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "torchvision.torch")  # a plain state dict
+    assert eval_main(["knn", "--checkpoint", str(tmp_path / "torchvision.torch")]) == 2
+    _one_error_line(capsys.readouterr().err, "is not a fastssl training checkpoint")
+
+
+def test_a_checkpoints_config_is_validated_before_anything_is_built_from_it(tmp_path, capsys):
+    users = tmp_path / "users_data"
+    users.mkdir()
+    (users / "thesis.tex").write_text("precious")
+    for config, text in (({"DATA": {"TRAIN": {"SYNTHETIC": {"ROOT": str(users)}}},
+                           "LOSS": {"swav_loss": {"temperature": float("inf")}}}, "out of range"),
+                         ({"DATA": {"TRAIN": {"SYNTHETIC": {"ROOT": "${oc.env:HOME}"}}}}, "interpolations"),
+                         ({"DATA": {"TRAIN": {"SYNTHETIC": {"ROOTS": str(users)}}}}, "unknown config key"),
+                         ({"DATA": {"TRAIN": ["not", "a", "mapping"]}}, "must be a mapping")):
+        torch.save({"model": {}, "head_params": [], "step": 1, "config": config}, tmp_path / "crafted.torch")
+        for command in ("knn", "linear"):
+            assert eval_main([command, "--checkpoint", str(tmp_path / "crafted.torch")]) == 2
+            _one_error_line(capsys.readouterr().err, text)
+    assert [p.name for p in users.iterdir()] == ["thesis.tex"]
+
+
+def test_knn_refuses_a_zero_k_temperature_or_batch_size(capsys):
+    for option, value in (("--k", "0"), ("--temperature", "0"), ("--temperature", "inf"), ("--batch-size", "0"),
+                          ("--workers", "-1")):
+        with pytest.raises(SystemExit) as exit_:
+            eval_main(["knn", "--checkpoint", "x", option, value])
+        assert exit_.value.code == 2 and f"argument {option}: must be" in capsys.readouterr().err

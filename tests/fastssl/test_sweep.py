@@ -229,3 +229,13 @@ def test_submitit_local_job_preempted_by_sigusr1_checkpoints_requeues_and_resume
     logs = "".join(p.read_text() for p in (sweep_dir / ".submitit").glob("*/*_log.*"))
     assert "Requeued job" in logs and "resuming from" in logs
     assert read_summary(sweep_dir)[0]["status"] == 0
+
+
+def test_a_malformed_metrics_line_is_skipped_and_counted(tmp_path, capfd):
+    from fastssl.sweep import metrics_summary
+    lines = [json.dumps({"step": 1, "loss": 2.0, "images_per_s": 10.0}), '{"step": 2, "loss": 1.', "[1, 2]",
+             json.dumps({"step": 3, "loss": 1.5, "images_per_s": 30.0}), json.dumps({"phase": "end", "top1": 1.0})]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    summary = metrics_summary(str(tmp_path))
+    assert summary == {"final_loss": 1.5, "images_per_s": 30.0, "step": 3, "skipped_lines": 2}
+    assert "2 line(s) that are not a step record skipped" in capfd.readouterr().err

@@ -85,7 +85,7 @@ def test_resume_continues_exactly(tmp_path):
     assert torch.equal(final_a["method"]["queue"], final_c["method"]["queue"])
 
 
-def test_nan_loss_stops_with_a_dump(tmp_path):
+def test_nan_loss_stops_with_a_dump(tmp_path, capsys):
     code = main(CPU + [f"config.CHECKPOINT.DIR={tmp_path}", "config.OPTIMIZER.num_epochs=1",
                        "config.LOSS.swav_loss.temperature=1e-30"])  # in range, but the logits overflow
     assert code == 3
@@ -95,6 +95,7 @@ def test_nan_loss_stops_with_a_dump(tmp_path):
     assert not torch.isfinite(dump["loss"]) and len(dump["crops"]) == 3 and "scores0" in dump["method"]
     assert dump["outputs"] is not None  # the step's outputs, kept by the method's training_loss
     assert latest_checkpoint(tmp_path) is None  # nothing non-finite was saved as a checkpoint
+    assert "no checkpoint was saved before it" in capsys.readouterr().err  # and none is promised
 
 
 def test_misspelt_key_is_a_one_line_error_from_the_console_script():
@@ -161,3 +162,36 @@ def test_sigterm_during_set_up_ends_the_run_at_once_and_leaves_no_staging_folder
     assert "Traceback" not in stderr
     assert [p.name for p in cache.iterdir()] == []  # the staging folder went with the run
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_a_checkpoint_dir_that_cannot_hold_checkpoints_is_one_line_before_any_data_is_built(tmp_path, monkeypatch,
+                                                                                            capsys):
+    from fastssl.checkpoint import CheckpointError, check_checkpoint_directory
+    with pytest.raises(CheckpointError, match="is the root of the filesystem"):
+        check_checkpoint_directory("/")  # here, not through a run: a build without the check would write in /
+    monkeypatch.setenv("FASTSSL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "a_file").write_text("mine")
+    for directory, text in ((tmp_path / "a_file", "is a file, not a folder"),
+                            (tmp_path / "a_file" / "run", "cannot hold checkpoints: Not a directory"),
+                            (tmp_path / "home", "is your home directory"),
+                            (tmp_path / ("x" * 300), "is too long"),
+                            (tmp_path / "/".join(["deep" * 60] * 20), "is too long"),
+                            ("/proc/fastssl-run", "cannot hold checkpoints")):
+        assert main(CPU + [f"config.CHECKPOINT.DIR={directory}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("fastssl-train: error: config.CHECKPOINT.DIR") and text in err, err
+        assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "cache").exists()  # checked before the built-in dataset was generated
+    assert (tmp_path / "a_file").read_text() == "mine"
+
+
+def test_a_checkpoint_dir_holding_files_fastssl_did_not_write_is_said():
+    from fastssl.checkpoint import check_checkpoint_directory
+    import tempfile
+    with tempfile.TemporaryDirectory() as directory:
+        for name in ("checkpoint_step00000003.torch", "metrics.jsonl", "tensorboard", ".hydra", "sweep_job.json"):
+            (Path(directory) / name).touch()
+        assert check_checkpoint_directory(directory) is None
+        (Path(directory) / "thesis.tex").touch()
+        assert "holds 1 file(s) fastssl did not write (such as 'thesis.tex')" in check_checkpoint_directory(directory)

@@ -6,6 +6,7 @@ checkpoint["online_backbone"] (torchvision's ResNet-50 children in an nn.Sequent
 """
 import functools
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -333,3 +334,34 @@ def test_fastssl_train_starts_from_a_fastssl_checkpoint_and_reports(tmp_path, ca
     assert len(lines) == 1
     assert re.fullmatch(rf"fastssl: initial weights from {re.escape(str(checkpoint))} \[classy_state_dict\]: "
                         r"\d+ tensors loaded, 21 skipped, 0 missing, 0 unexpected", lines[0]), lines[0]
+
+
+def test_export_refuses_to_overwrite_without_force_and_never_writes_onto_its_input(tmp_path, capsys):
+    path = save_fastssl_checkpoint(tmp_path, resnet(18, seed=1, head_params=TWO_HEADS))
+    input_bytes = Path(path).read_bytes()
+    mine = tmp_path / "mine.torch"
+    mine.write_bytes(b"the user's own file")
+    assert export_main([path, str(mine)]) == 2
+    assert mine.read_bytes() == b"the user's own file"
+    assert re.fullmatch(r"fastssl-export: error: \S+ exists: pass --force to replace it\n", capsys.readouterr().err)
+    for onto_input in ([path, path, "--force"], [str(tmp_path), path, "--force"]):  # the file, or its run directory
+        assert export_main(onto_input) == 2
+        assert "is the input" in capsys.readouterr().err and Path(path).read_bytes() == input_bytes
+    assert export_main([path, str(mine), "--force"]) == 0
+    assert set(torch.load(mine, weights_only=True)) >= {"conv1.weight"}
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_a_cut_export_leaves_the_previous_export_whole(tmp_path, monkeypatch):
+    path = save_fastssl_checkpoint(tmp_path, resnet(18, seed=1, head_params=TWO_HEADS))
+    output = tmp_path / "out.torch"
+    assert export_main([path, str(output)]) == 0
+    before = output.read_bytes()
+
+    def cut(state, f):
+        f.write(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", cut)
+    assert export_main([path, str(output), "--force"]) == 2
+    assert output.read_bytes() == before and [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []

@@ -87,3 +87,33 @@ def test_each_crop_gets_its_own_probabilities(tmp_path):
     solarized = torch.tensor([[bool((crop < 100 / 255).all()) for crop in pair] for pair in crops])  # (400, 2)
     assert not solarized[:, 0].any()
     assert solarized[:, 1].float().mean().item() == pytest.approx(0.2, abs=4 * (0.2 * 0.8 / 400) ** 0.5)
+
+
+def test_an_error_inside_a_dataloader_worker_ends_the_process_with_one_line(tmp_path):
+    """The persistent workers ignore SIGTERM; without an explicit shutdown, multiprocessing's exit handler
+    (which ends daemonic children with SIGTERM, then joins them) waited for them forever."""
+    import subprocess
+    import sys
+    import textwrap
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i in range(4):
+            (tmp_path / name / f"{i}.jpg").touch()  # 0-byte files: not one decodes
+    script = textwrap.dedent(f"""
+        import torch
+        from loaders.folder import build_folder_loader
+        from loaders.recipe import recipe_from_transforms
+        recipe = recipe_from_transforms([dict(name="ImgPilToMultiCrop", total_num_crops=1, num_crops=[1],
+                                              size_crops=[16], crop_scales=[[0.5, 1]]), dict(name="ToTensor")])
+        loader = build_folder_loader(source="disk_folder", data_path={str(tmp_path)!r}, recipe=recipe, batch_size=4,
+                                     num_workers=2, drop_last=True, data_limit=-1, seed=0, rank=0, world_size=1,
+                                     device="cpu", dtype=torch.float32, channels_last=False, synthetic_params=None)
+        loader.set_epoch(0)
+        try:
+            next(iter(loader))
+        except ValueError as error:
+            print(error)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines() == [f"image folder {tmp_path}: not one of 8 files could be decoded"]

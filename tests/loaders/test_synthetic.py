@@ -36,13 +36,40 @@ def test_deterministic_from_seed(tmp_path):
     assert (first / name).read_bytes() != (other / name).read_bytes()
 
 
-def test_default_root_and_regeneration_on_new_params(tmp_path, monkeypatch):
+def test_default_root_and_new_params_beside(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTSSL_CACHE", str(tmp_path / "cache"))
     root = ensure_synthetic_dataset(seed=0, **PARAMS)
     assert root.parent == tmp_path / "cache" and "24px" in root.name
-    changed = ensure_synthetic_dataset(root, seed=0, image_size=24, train_per_class=2, val_per_class=1)
-    assert changed == root and len(list((root / "train" / "ring").iterdir())) == 2
-    assert [p.name for p in root.parent.iterdir()] == [root.name]  # no staging or stale directory left
+    changed = ensure_synthetic_dataset(seed=0, image_size=24, train_per_class=2, val_per_class=1)
+    assert changed.parent == root.parent and len(list((changed / "train" / "ring").iterdir())) == 2
+    assert sorted(p.name for p in root.parent.iterdir()) == sorted([root.name, changed.name])  # nothing staged left
+
+
+def test_changing_the_parameters_under_a_root_deletes_nothing(tmp_path):
+    """SYNTHETIC.ROOT holds one folder per parameters: the user's files there, and in a dataset folder, stay."""
+    root = tmp_path / "data"
+    first = ensure_synthetic_dataset(root, seed=0, **PARAMS)
+    (root / "thesis.tex").write_text("precious")
+    (first / "notes.txt").write_text("mine")
+    second = ensure_synthetic_dataset(root, seed=0, image_size=24, train_per_class=2, val_per_class=1)
+    assert first.parent == second.parent == root and first != second
+    assert (root / "thesis.tex").read_text() == "precious" and (first / "notes.txt").read_text() == "mine"
+    assert len(list((second / "train" / "ring").iterdir())) == 2
+    assert len(list((first / "train" / "ring").iterdir())) == 3
+    assert ensure_synthetic_dataset(first, seed=0, **PARAMS) == first  # a dataset folder named directly
+
+
+def test_only_a_dataset_folder_with_fastssls_manifest_is_replaced(tmp_path):
+    root = tmp_path / "data"
+    first = ensure_synthetic_dataset(root, seed=0, **PARAMS)
+    manifest = json.loads((first / MANIFEST_NAME).read_text())
+    (first / MANIFEST_NAME).write_text(json.dumps({**manifest, "classes": ["older"]}))  # an older generator's
+    assert ensure_synthetic_dataset(root, seed=0, **PARAMS) == first
+    assert json.loads((first / MANIFEST_NAME).read_text()) == manifest
+    (first / MANIFEST_NAME).unlink()  # a folder at that name that fastssl did not write
+    with pytest.raises(ValueError, match="without"):
+        ensure_synthetic_dataset(root, seed=0, **PARAMS)
+    assert (first / "train").is_dir()
 
 
 def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
@@ -57,15 +84,18 @@ def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(synthetic, "draw_image", failing_draw)
     with pytest.raises(KeyboardInterrupt):
         ensure_synthetic_dataset(tmp_path / "data", seed=0, **PARAMS)
-    assert list(tmp_path.iterdir()) == []
+    assert list((tmp_path / "data").iterdir()) == []
 
 
 def test_refuses_a_foreign_directory(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    key = "synthetic-24px-3x1-seed0-v2"
+    (tmp_path / "mine" / key).mkdir()
+    (tmp_path / "mine" / key / "thesis.tex").write_text("precious")
     with pytest.raises(ValueError, match="without"):
         ensure_synthetic_dataset(tmp_path / "mine", seed=0, **PARAMS)
-    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+    assert (tmp_path / "mine" / key / "thesis.tex").read_text() == "precious"
 
 
 def test_class_is_not_in_the_colour():

@@ -80,3 +80,11 @@ def test_seed_lr_follows_vissls_scaling_of_the_composite(nodes, first_epochs):
     lr = derive(cfg, world_size=8 * nodes, num_samples=IMAGENET_SAMPLES, iterations_per_epoch=10).lr_schedule
     assert lr[0:60:10] == pytest.approx(first_epochs)
     assert lr[[300, 600, 900, 1000]] == pytest.approx(np.array([0.01, 0.001, 0.0001, 0.00001]) * nodes)
+
+
+def test_a_labels_header_claiming_ten_billion_labels_allocates_nothing_and_is_one_line(tmp_path):
+    np.save(tmp_path / "labels.npy", np.zeros(6, dtype=np.int64))
+    data = (tmp_path / "labels.npy").read_bytes()
+    (tmp_path / "labels.npy").write_bytes(data.replace(b"(6,), }" + b" " * 10, b"(10000000000,), }", 1))  # same length
+    with pytest.raises(ValueError, match="is not a numpy array of integers"):
+        read_labels(tmp_path / "labels.npy", num_samples=6, num_classes=5, ignore_index=-1)
