@@ -297,7 +297,7 @@ def build_monitor(cfg: DictConfig, *, model: SSLModel, method: Method, info: dis
     knn_cfg, embedding_cfg = cfg.MONITOR.KNN, cfg.MONITOR.EMBEDDING
     if not (knn_cfg.ENABLED or embedding_cfg.ENABLED):
         return None
-    knn = None
+    knn = bank = None
     if knn_cfg.ENABLED:
         common = dict(image_size=0, batch_size=knn_cfg.BATCHSIZE_PER_REPLICA, device=device, rank=info.rank,
                       world_size=info.world_size, num_workers=min(cfg.DATA.NUM_DATALOADER_WORKERS, 2))
@@ -306,8 +306,13 @@ def build_monitor(cfg: DictConfig, *, model: SSLModel, method: Method, info: dis
                 bank = build_eval_data(cfg, split="train", data_path=None, max_samples=knn_cfg.BANK_SIZE, **common)
                 test = build_eval_data(cfg, split="val", data_path=knn_held_out_path(cfg), **common)
         except (FileNotFoundError, ValueError) as error:
-            raise ConfigError(f"config.MONITOR.KNN needs a labelled held-out split (DATA.TEST.DATA_SOURCES="
-                              f"[disk_folder] with DATA.TEST.DATA_PATHS, or MONITOR.KNN.ENABLED=False): {error}")
+            if list(cfg.DATA.TEST.DATA_PATHS):  # a held-out folder the user named must be there
+                raise ConfigError(f"config.MONITOR.KNN: the held-out split cannot be read: {error}") from None
+            # An image folder run names no held-out split: the monitor has nothing to score, the run goes on.
+            notice(f"kNN monitor off: no labelled held-out split for this run ({str(error).splitlines()[0]}); give "
+                   "DATA.TEST.DATA_SOURCES=[disk_folder] DATA.TEST.DATA_PATHS=[...] to watch its kNN")
+            bank = None
+    if bank is not None:
         knn = KnnMonitor(bank_loader=bank, test_loader=test, k=knn_cfg.K, temperature=knn_cfg.TEMPERATURE,
                          every_n_epochs=knn_cfg.EVERY_N_EPOCHS, num_epochs=cfg.OPTIMIZER.num_epochs,
                          group=dist.global_group())

@@ -160,14 +160,20 @@ def test_staging_left_by_a_killed_generation_is_removed_and_nothing_else(tmp_pat
     left = {"dead": {"host": socket.gethostname(), "pid": dead.pid},
             "alive": {"host": socket.gethostname(), "pid": os.getpid()},
             "other_host": {"host": "another-node", "pid": dead.pid}}
-    for name, content in left.items():
-        (tmp_path / f".data.tmp-{name}").mkdir()
-        (tmp_path / f".data.tmp-{name}" / mark).write_text(json.dumps(content))
-    (tmp_path / ".data.tmp-unmarked").mkdir()  # not fastssl's mark: left alone
-    (tmp_path / ".data.tmp-unmarked" / "notes.txt").write_text("mine")
-    root = ensure_synthetic_dataset(tmp_path / "data", seed=0, **PARAMS)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        ".data.tmp-alive", ".data.tmp-other_host", ".data.tmp-unmarked", "data"]
+    # The dataset folder is named for its settings inside the given root; staging sits beside it.
+    parent = tmp_path / "data"
+    parent.mkdir()
+    name = (f"synthetic-{PARAMS['image_size']}px-{PARAMS['train_per_class']}x{PARAMS['val_per_class']}-seed0-"
+            f"v{synthetic._GENERATOR_VERSION}")
+    for key, content in left.items():
+        (parent / f".{name}.tmp-{key}").mkdir()
+        (parent / f".{name}.tmp-{key}" / mark).write_text(json.dumps(content))
+    (parent / f".{name}.tmp-unmarked").mkdir()  # not fastssl's mark: left alone
+    (parent / f".{name}.tmp-unmarked" / "notes.txt").write_text("mine")
+    root = ensure_synthetic_dataset(parent, seed=0, **PARAMS)
+    assert root == parent / name
+    assert sorted(p.name for p in parent.iterdir()) == [
+        f".{name}.tmp-alive", f".{name}.tmp-other_host", f".{name}.tmp-unmarked", name]
     assert (root / "train" / "ring").is_dir()
 
 
@@ -177,4 +183,4 @@ def test_a_dataset_larger_than_the_free_disk_is_refused_before_writing(tmp_path,
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 10**5, 10**5))
     with pytest.raises(ValueError, match=r"synthetic dataset: 40 images of 24 px need about 0\.0 GB; .* has 0\.0 GB free"):
         ensure_synthetic_dataset(tmp_path / "data", seed=0, **PARAMS)
-    assert list(tmp_path.iterdir()) == []
+    assert not [path for path in tmp_path.rglob("*") if path.is_file()]  # nothing written
